@@ -1,0 +1,90 @@
+"""Datasets: the embedded default (``digits``, ``digit-scenes``) plus CIFAR and Cityscapes on disk.
+
+``get_dataset(name, split, root=None, **options)`` is the one entry point notebooks use;
+``DATASET_INFO`` describes every name (task, classes, splits, options) without loading anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ._validate import check_choice
+from .digits import DIGITS_CLASSES, DIGITS_SPLITS, DigitsDataset, digit_split
+from .loader import make_loader
+from .paths import DATA_ENV_VAR, default_data_root, resolve_root
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset name provides, known without touching the data."""
+
+    name: str
+    task: str  # "classification" | "segmentation"
+    num_classes: int
+    in_channels: int
+    splits: tuple[str, ...]
+    options: dict[str, str]  # option name -> its default and meaning
+    needs_download: bool
+    ignore_index: int | None
+    description: str
+    builder: Callable[..., Dataset] = field(repr=False)
+
+
+def _build_digits(split: str, root: Any, **options: Any) -> Dataset:
+    # the data ships with scikit-learn; root is accepted so callers can pass it uniformly
+    return DigitsDataset(split, **options)
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(
+        name="digits", task="classification", num_classes=10, in_channels=3, splits=DIGITS_SPLITS,
+        options={"size": "32: side of the upsampled image",
+                 "augment": "False: random shift (pad size//16, random crop)"},
+        needs_download=False, ignore_index=None,
+        description="scikit-learn's 1,797 8x8 handwritten digits, fixed stratified 80/20 split, "
+                    "bilinear-upsampled to 32x32x3, normalised with train mean/std",
+        builder=_build_digits),
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by ``get_dataset``."""
+    return list(DATASET_INFO)
+
+
+def get_dataset(name: str, split: str, root: str | os.PathLike[str] | None = None, **options: Any) -> Dataset:
+    """Build dataset ``name`` for ``split``.
+
+    ``root`` is the folder holding on-disk datasets (default ``$WORKBENCH_DATA`` or ``<repo>/data``);
+    the embedded datasets ignore it. Every returned dataset has ``name``, ``split``, ``task``,
+    ``num_classes``, ``classes``, ``in_channels``, ``ignore_index``, ``mean`` and ``std``;
+    classification datasets also have ``targets`` (int64 tensor). Unknown names, splits or options
+    raise ``ValueError`` listing what is allowed, before anything is loaded.
+    """
+    check_choice("name", name, DATASET_INFO)
+    info = DATASET_INFO[name]
+    check_choice("split", split, info.splits)
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        raise ValueError(f"option(s) {', '.join(unknown)} not valid for dataset {name!r}; "
+                         f"allowed: {', '.join(info.options) or '(none)'}")
+    return info.builder(split, resolve_root(root), **options)
+
+
+__all__ = [
+    "DATASET_INFO",
+    "DATA_ENV_VAR",
+    "DIGITS_CLASSES",
+    "DatasetInfo",
+    "DigitsDataset",
+    "default_data_root",
+    "digit_split",
+    "get_dataset",
+    "list_datasets",
+    "make_loader",
+]

@@ -1,0 +1,168 @@
+"""Command line: ``workbench run | sweep | lab | train | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+
+from workbench.params import PRESETS, parse_cli_value
+
+BENCHMARKS = {
+    "layers": "workbench.benchmarks.layers",
+    "probes": "workbench.benchmarks.probes",
+    "pruning": "workbench.benchmarks.pruning",
+}
+
+
+def _parameter_pairs(pairs: list[list[str]] | None, multi: bool = False) -> dict:
+    """``-p NAME VALUE`` (run) or ``-p NAME V1 V2 ...`` (sweep) into a dict of Python values."""
+    values: dict = {}
+    for pair in pairs or []:
+        name, *raw = pair
+        if not raw or (not multi and len(raw) != 1):
+            shape = "NAME V1 [V2 ...]" if multi else "NAME VALUE"
+            raise SystemExit(f"error: -p expects {shape}, got {' '.join(pair)!r}")
+        parsed = [parse_cli_value(v) for v in raw]
+        values[name] = parsed if multi else parsed[0]
+    return values
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from workbench import runner
+
+    params = _parameter_pairs(args.param)
+    if args.preset is not None:
+        params["preset"] = args.preset
+    if args.device is not None:
+        params["device"] = args.device
+    try:
+        results = runner.run(args.notebooks or None, params, output=args.output, timeout=args.timeout,
+                             log_output=args.log_output)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if results["status"] == "done" else 1
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from workbench import sweep
+
+    grid = _parameter_pairs(args.param, multi=True)
+    try:
+        summary = sweep.run_sweep(args.notebook, grid, jobs=args.jobs, output=args.output,
+                                  timeout=args.timeout, executor=args.executor, address=args.address,
+                                  gpus_per_point=args.gpus_per_point)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if summary["status"] == "done" else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lab_command(port: int | None = None, token: str | None = None,
+                open_browser: bool = False) -> tuple[list, str]:
+    """The ``jupyter lab`` command line bound to 127.0.0.1 with a token, rooted at the project."""
+    from workbench.runner import ensure_kernel, project_root
+
+    ensure_kernel()
+    token = token or secrets.token_hex(24)
+    port = port or _free_port()
+    cmd = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={project_root()}",
+           "--ServerApp.port_retries=0", "--MappingKernelManager.default_kernel_name=workbench"]
+    if not open_browser:
+        cmd.append("--no-browser")
+    if os.geteuid() == 0:  # containers and CI run as root; JupyterLab refuses that without the flag
+        cmd.append("--allow-root")
+    return cmd, f"http://127.0.0.1:{port}/lab?token={token}"
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    cmd, url = lab_command(args.port, args.token, args.browser)
+    print(f"[workbench] JupyterLab at {url}", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    status = 0
+    for name in names:
+        print(f"== workbench bench {name} ==", flush=True)
+        module = importlib.import_module(BENCHMARKS[name])
+        status |= int(module.main(rest) or 0)
+    return status
+
+
+def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from workbench import train_cli
+
+    return train_cli.main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="execute notebooks with papermill into reports/<run-id>/")
+    p.add_argument("notebooks", nargs="*", help="notebook paths or names (default: all in notebooks/)")
+    p.add_argument("-p", "--param", nargs="+", action="append", metavar=("NAME", "VALUE"),
+                   help="override a parameter (repeatable)")
+    p.add_argument("--preset", choices=PRESETS, help="shorthand for -p preset ...")
+    p.add_argument("--device", help="shorthand for -p device ... (auto, cpu, cuda, cuda:N, mps)")
+    p.add_argument("--output", help="run folder (default: reports/<timestamp>)")
+    p.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
+    p.add_argument("--log-output", action="store_true", help="stream notebook output to this terminal")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sweep", help="run one notebook over a parameter grid")
+    p.add_argument("notebook")
+    p.add_argument("-p", "--param", nargs="+", action="append", metavar=("NAME", "V"),
+                   help="-p NAME V1 V2 ...: values of one grid axis (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="points executed in parallel")
+    p.add_argument("--output", help="sweep folder (default: reports/sweep-<notebook>-<grid hash>)")
+    p.add_argument("--timeout", type=int, default=3600, help="per-cell timeout in seconds")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    p.add_argument("--gpus-per-point", type=float, default=0.0)
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("lab", help="start JupyterLab on 127.0.0.1 with a token on the workbench kernel")
+    p.add_argument("--port", type=int)
+    p.add_argument("--token")
+    p.add_argument("--browser", action="store_true", help="open a browser")
+    p.set_defaults(func=_cmd_lab)
+
+    p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
+    p.add_argument("name", choices=[*BENCHMARKS, "all"])
+    p.set_defaults(func=_cmd_bench, takes_rest=True)
+
+    p = sub.add_parser("train", help="train from a config, in one process or under torchrun")
+    p.set_defaults(func=_cmd_train, takes_rest=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "takes_rest", False):
+        return int(args.func(args, rest) or 0)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The computations each notebook shows, returning plain data; usable without Jupyter."""

@@ -1,0 +1,133 @@
+"""Declared notebook parameters: one spec validates a notebook's values in the notebook itself and in
+the runner, before any cell runs, so a bad value is refused with the same message in both places."""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One notebook parameter: its type and the values it may take.
+
+    ``type`` is one of bool/int/float/str/list; an int is accepted where a float is declared.
+    ``choices`` restricts to a set of values; ``min``/``max`` bound numbers (inclusive) and, for
+    lists, every element; ``item_type`` types list elements.
+    """
+
+    type: type
+    choices: Sequence[Any] | None = None
+    min: float | None = None
+    max: float | None = None
+    item_type: type | None = None
+    help: str = ""
+    nullable: bool = False
+
+    def describe(self) -> str:
+        parts = [_TYPE_NAMES.get(self.type, self.type.__name__)]
+        if self.item_type is not None:
+            parts[0] += f" of {_TYPE_NAMES.get(self.item_type, self.item_type.__name__)}"
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(repr(c) for c in self.choices))
+        if self.min is not None:
+            parts.append(f">= {self.min}")
+        if self.max is not None:
+            parts.append(f"<= {self.max}")
+        if self.nullable:
+            parts.append("or None")
+        return " ".join(parts)
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None and self.nullable:
+            return None
+        value = _check_type(name, value, self.type, self)
+        if self.type is list:
+            if self.item_type is not None:
+                value = [_check_type(f"{name}[{i}]", v, self.item_type, self) for i, v in enumerate(value)]
+            for i, v in enumerate(value):
+                self._check_bounds(f"{name}[{i}]", v)
+        else:
+            self._check_bounds(name, value)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"parameter {name}={value!r} is not allowed; allowed: {self.describe()}")
+        return value
+
+    def _check_bounds(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"parameter {name}={value!r} must be finite; allowed: {self.describe()}")
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            raise ValueError(f"parameter {name}={value!r} is out of range; allowed: {self.describe()}")
+
+
+def _check_type(name: str, value: Any, expected: type, param: Param) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list and isinstance(value, tuple):
+        value = list(value)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"parameter {name}={value!r} has type {type(value).__name__}; "
+                         f"allowed: {param.describe()}")
+    return value
+
+
+PRESETS = ("quick", "full")
+DEVICE_CHOICES_HELP = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+# Parameters every notebook shares.
+COMMON = {
+    "preset": Param(str, choices=PRESETS, help="quick: minutes on 2 CPU cores; full: paper-sized runs"),
+    "device": Param(str, help=DEVICE_CHOICES_HELP),
+    "seed": Param(int, min=0),
+}
+
+
+def validate(values: Mapping[str, Any], spec: Mapping[str, Param], where: str = "notebook") -> dict:
+    """Check every value against ``spec``; unknown names and bad values raise ``ValueError``."""
+    unknown = sorted(set(values) - set(spec))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {where}; "
+                         f"allowed: {', '.join(sorted(spec))}")
+    checked = {name: spec[name].check(name, value) for name, value in values.items()}
+    if "device" in checked:
+        from workbench.device import _DEVICE_PATTERN
+
+        if not _DEVICE_PATTERN.match(str(checked["device"]).lower()):
+            raise ValueError(f"parameter device={checked['device']!r} is not valid; allowed: "
+                             f"{DEVICE_CHOICES_HELP}")
+    return checked
+
+
+def parse_cli_value(text: str) -> Any:
+    """A command-line value as a Python literal when it is one (``0.1``, ``[1, 2]``, ``True``),
+    otherwise as the string itself (``resnet20``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def literal_assignments(source: str) -> dict:
+    """``name = literal`` statements of a parameters cell; anything else is an error, since
+    papermill can only inject literals and derived values would silently go stale."""
+    tree = ast.parse(source)
+    values = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"parameters cell may hold only `name = literal` lines, found: "
+                             f"{ast.unparse(node)!r}")
+        try:
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError as exc:
+            raise ValueError(f"parameter {node.targets[0].id} is not a literal: "
+                             f"{ast.unparse(node.value)!r}") from exc
+    return values

@@ -122,3 +122,90 @@ def test_make_loader_seeded_shuffle_and_drop_last():
     assert len(list(make_loader(small, 64, train=True))) == 1
     with pytest.raises(ValueError, match="batch_size=0"):
         make_loader(ds, 0, train=True)
+
+
+# ---------------------------------------------------------------- digit-scenes
+
+
+def test_scenes_format():
+    ds = get_dataset("digit-scenes", "train", length=6)
+    assert len(ds) == 6 and ds.num_classes == 11 and ds.task == "segmentation"
+    assert ds.classes[0] == "background" and ds.classes[1:] == tuple("0123456789")
+    assert ds.ignore_index == 255 and ds.in_channels == 3
+    x, m = ds[0]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert m.shape == (64, 64) and m.dtype == torch.int64
+    assert int(m.min()) >= 0 and int(m.max()) <= 10 and int(m.max()) > 0
+    assert len(get_dataset("digit-scenes", "train")) == 512
+    assert len(get_dataset("digit-scenes", "test")) == 128
+    big = get_dataset("digit-scenes", "test", size=96, length=2)
+    assert big[1][0].shape == (3, 96, 96) and big[1][1].shape == (96, 96)
+    with pytest.raises(ValueError, match="size=32"):
+        get_dataset("digit-scenes", "train", size=32)
+    with pytest.raises(IndexError):
+        ds[6]
+
+
+def test_scenes_deterministic_per_seed_and_index():
+    a = get_dataset("digit-scenes", "train", length=4, seed=1)
+    b = get_dataset("digit-scenes", "train", length=4, seed=1)
+    c = get_dataset("digit-scenes", "train", length=4, seed=2)
+    # any access order, any RNG state: scene i is a function of (seed, split, i)
+    torch.manual_seed(99)
+    for i in (3, 0, 2):
+        xa, ma = a[i]
+        xb, mb = b[i]
+        assert torch.equal(xa, xb) and torch.equal(ma, mb)
+    assert not torch.equal(a[0][1], c[0][1])
+    assert not torch.equal(a[0][1], a[1][1])
+    test = get_dataset("digit-scenes", "test", length=4, seed=1)
+    assert not torch.equal(a[0][1], test[0][1])
+
+
+def test_scenes_label_image_alignment():
+    ds = get_dataset("digit-scenes", "train", length=8)
+    for i in range(len(ds)):
+        s = ds.scene(i)
+        image, mask, background = s["image"], s["mask"], s["background"]
+        assert 1 <= len(s["placements"]) <= 4
+        expected = torch.zeros_like(mask)
+        for p in s["placements"]:
+            t, l, n = p["top"], p["left"], p["size"]
+            footprint = torch.from_numpy(p["pixels"])
+            assert p["label"] == p["digit"] + 1 and footprint.any()
+            # boxes do not overlap, so the region is still unlabelled before this digit
+            assert not expected[t:t + n, l:l + n].any()
+            expected[t:t + n, l:l + n][footprint] = p["label"]
+        assert torch.equal(mask, expected)
+        bg = mask == 0
+        # background pixels are the untouched background, digit pixels were painted over
+        assert torch.equal(image[:, bg], background[:, bg])
+        assert (image[:, ~bg] != background[:, ~bg]).any(dim=0).all()
+        # the normalised item is the same scene
+        x, m = ds[i]
+        assert torch.equal(m, mask)
+        assert torch.allclose(x * torch.tensor(ds.std).view(3, 1, 1) + torch.tensor(ds.mean).view(3, 1, 1),
+                              image, atol=1e-5)
+
+
+def test_scenes_use_split_digits_only():
+    _, _, train_idx = digit_split("train")
+    _, _, test_idx = digit_split("test")
+    for split, allowed in (("train", set(train_idx.tolist())), ("test", set(test_idx.tolist()))):
+        ds = get_dataset("digit-scenes", split, length=10)
+        used = {p["source_index"] for i in range(10) for p in ds.scene(i)["placements"]}
+        assert used and used <= allowed
+
+
+def test_scenes_digit_is_the_labelled_digit():
+    # the footprint is the thresholded, resized source scan of the recorded class
+    ds = get_dataset("digit-scenes", "test", length=3, threshold=0.5)
+    images, labels, idx = digit_split("test")
+    row = {int(j): k for k, j in enumerate(idx)}
+    for i in range(3):
+        for p in ds.scene(i)["placements"]:
+            k = row[p["source_index"]]
+            assert int(labels[k]) == p["digit"]
+            scan = torch.nn.functional.interpolate(torch.from_numpy(images[k].copy())[None, None],
+                                                   size=(p["size"],) * 2, mode="bilinear")[0, 0]
+            assert torch.equal(scan > 0.5, torch.from_numpy(p["pixels"]))

@@ -17,6 +17,7 @@ from ._validate import check_choice
 from .digits import DIGITS_CLASSES, DIGITS_SPLITS, DigitsDataset, digit_split
 from .loader import make_loader
 from .paths import DATA_ENV_VAR, default_data_root, resolve_root
+from .scenes import SCENE_CLASSES, SCENE_SPLITS, DigitScenesDataset, render_scene
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ def _build_digits(split: str, root: Any, **options: Any) -> Dataset:
     return DigitsDataset(split, **options)
 
 
+def _build_scenes(split: str, root: Any, **options: Any) -> Dataset:
+    return DigitScenesDataset(split, **options)
+
+
 DATASET_INFO: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         name="digits", task="classification", num_classes=10, in_channels=3, splits=DIGITS_SPLITS,
@@ -49,6 +54,19 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         description="scikit-learn's 1,797 8x8 handwritten digits, fixed stratified 80/20 split, "
                     "bilinear-upsampled to 32x32x3, normalised with train mean/std",
         builder=_build_digits),
+    "digit-scenes": DatasetInfo(
+        name="digit-scenes", task="segmentation", num_classes=len(SCENE_CLASSES), in_channels=3,
+        splits=SCENE_SPLITS,
+        options={"size": "64: scene side (>= 64)",
+                 "length": "512 train / 128 test: number of scenes",
+                 "seed": "0: scene generator seed (scene = f(seed, split, index))",
+                 "min_digits": "2", "max_digits": "4",
+                 "min_digit_size": "size // 4", "max_digit_size": "size * 7 // 16",
+                 "threshold": "0.3: digit intensity above which a pixel is labelled as the digit"},
+        needs_download=False, ignore_index=255,
+        description="textured scenes with 2..4 non-overlapping digits; mask 0 = background, "
+                    "1..10 = digit + 1",
+        builder=_build_scenes),
 }
 
 
@@ -81,10 +99,13 @@ __all__ = [
     "DATA_ENV_VAR",
     "DIGITS_CLASSES",
     "DatasetInfo",
+    "DigitScenesDataset",
     "DigitsDataset",
+    "SCENE_CLASSES",
     "default_data_root",
     "digit_split",
     "get_dataset",
     "list_datasets",
     "make_loader",
+    "render_scene",
 ]

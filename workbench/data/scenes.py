@@ -1,0 +1,195 @@
+"""``digit-scenes``: a tiny segmentation task composed from the embedded digits.
+
+Each scene is a textured background with a few digits pasted at random, non-overlapping
+positions. Pixels whose (resized) digit intensity exceeds ``threshold`` take the digit's label
+``class + 1``; all other pixels are background ``0``. Compositing is hard-masked, so every
+labelled pixel is a pasted digit pixel and every background pixel is untouched background:
+image/label alignment is exact. Scenes are rendered on the fly from a generator seeded by
+``(seed, split, index)``: the same triple always gives the same scene, in any process.
+Train scenes use only train-split digits and test scenes only test-split digits.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ._validate import check_choice, check_float, check_int
+from .digits import DIGITS_CLASSES, digit_split
+
+SCENE_SPLITS = ("train", "test")
+SCENE_CLASSES = ("background", *DIGITS_CLASSES)
+SCENE_DEFAULT_LENGTH = {"train": 512, "test": 128}
+_SPLIT_CODE = {"train": 0, "test": 1}
+_STATS_SCENES = 64
+
+
+@dataclass(frozen=True)
+class SceneGeometry:
+    """Everything that shapes a scene apart from the seed, split and index (hashable: a cache key)."""
+
+    size: int
+    min_digits: int
+    max_digits: int
+    min_digit_size: int
+    max_digit_size: int
+    threshold: float
+
+
+def _resize(array: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of a (..., h, w) float array to (..., size, size)."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    lead = t.shape[:-2]
+    t = t.reshape(-1, 1, *t.shape[-2:])
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, size, size).numpy()
+
+
+class DigitScenesDataset(Dataset):
+    """Segmentation scenes of ``size`` x ``size`` pixels holding ``min_digits..max_digits`` digits.
+
+    Items are ``(image float32 (3, size, size), mask int64 (size, size))`` with mask values in
+    ``0..10`` (0 = background, ``d + 1`` = digit ``d``). Digits are ``min_digit_size..max_digit_size``
+    pixels square (default ``size // 4 .. size * 7 // 16``, i.e. 16..28 at 64), each placed uniformly
+    among the positions where its square overlaps no earlier digit's square; a digit with no such
+    position left is skipped, so a crowded scene may hold fewer than ``min_digits`` (never zero).
+    Images are normalised with per-channel mean/std of the first 64 train scenes of seed 0 with the
+    same geometry, so train and test share the same normalisation.
+    """
+
+    name = "digit-scenes"
+    task = "segmentation"
+    num_classes = len(SCENE_CLASSES)
+    classes = SCENE_CLASSES
+    in_channels = 3
+    # no pixel is ever unlabelled here; the value is present so segmentation code is uniform
+    ignore_index = 255
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 64,
+        length: int | None = None,
+        seed: int = 0,
+        min_digits: int = 2,
+        max_digits: int = 4,
+        min_digit_size: int | None = None,
+        max_digit_size: int | None = None,
+        threshold: float = 0.3,
+    ) -> None:
+        self.split = check_choice("split", split, SCENE_SPLITS)
+        self.size = check_int("size", size, minimum=64)
+        self.length = (SCENE_DEFAULT_LENGTH[split] if length is None
+                       else check_int("length", length, minimum=1))
+        self.seed = check_int("seed", seed, minimum=0)
+        self.min_digits = check_int("min_digits", min_digits, minimum=1)
+        self.max_digits = check_int("max_digits", max_digits, minimum=min_digits)
+        lo = size // 4 if min_digit_size is None else check_int("min_digit_size", min_digit_size, minimum=8)
+        hi = size * 7 // 16 if max_digit_size is None else check_int("max_digit_size", max_digit_size,
+                                                                    minimum=lo, maximum=size)
+        if lo > hi:
+            raise ValueError(f"min_digit_size={lo} must be <= max_digit_size={hi}")
+        self.digit_size_range = (lo, hi)
+        self.threshold = check_float("threshold", threshold, minimum=0.0, maximum=0.99)
+        self.image_size = (size, size)
+        self.geometry = SceneGeometry(size, min_digits, max_digits, lo, hi, self.threshold)
+        mean, std = _scene_stats(self.geometry)
+        self.mean, self.std = mean, std
+        self._mean = torch.tensor(mean).view(3, 1, 1)
+        self._std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> dict[str, Any]:
+        """Render scene ``index`` un-normalised: ``image`` (3,S,S) in [0,1], ``mask`` (S,S) int64,
+        ``background`` (3,S,S) (the image before pasting) and ``placements`` (one dict per digit:
+        ``label`` (mask value), ``digit``, ``source_index`` into ``load_digits()``, ``top``, ``left``,
+        ``size``, ``pixels`` (bool (size,size) footprint))."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} scenes")
+        return render_scene(self.geometry, self.split, self.seed, index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index < 0:
+            index += self.length
+        s = self.scene(index)
+        return (s["image"] - self._mean) / self._std, s["mask"]
+
+    def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All scenes as ``(X (N,3,S,S) float32, masks (N,S,S) int64)`` (about 25 MB at 512x64x64)."""
+        items = [self[i] for i in range(self.length)]
+        x = torch.stack([i[0] for i in items])
+        y = torch.stack([i[1] for i in items])
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        return x, y
+
+    def __repr__(self) -> str:
+        return (f"DigitScenesDataset(split={self.split!r}, size={self.size}, length={self.length}, "
+                f"seed={self.seed}, digits={self.min_digits}..{self.max_digits}, "
+                f"digit_size={self.digit_size_range[0]}..{self.digit_size_range[1]})")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    # smooth colour blotches (coarse noise, upsampled) plus fine grain: texture a net must
+    # learn to ignore, darker on average than the pasted digits but overlapping in range
+    base = rng.uniform(0.1, 0.4, size=(3, 1, 1))
+    coarse = _resize(rng.standard_normal((3, 8, 8)), size) * 0.1
+    fine = rng.standard_normal((3, size, size)) * 0.04
+    return np.clip(base + coarse + fine, 0.0, 1.0).astype(np.float32)
+
+
+def _free_positions(occupied: np.ndarray, s: int) -> np.ndarray:
+    """``(k, 2)`` top-left corners where an ``s`` x ``s`` box touches no occupied pixel."""
+    sat = np.zeros((occupied.shape[0] + 1, occupied.shape[1] + 1), dtype=np.int64)
+    sat[1:, 1:] = occupied.cumsum(0).cumsum(1)
+    n = occupied.shape[0] - s + 1
+    box_sums = sat[s:s + n, s:s + n] - sat[:n, s:s + n] - sat[s:s + n, :n] + sat[:n, :n]
+    return np.argwhere(box_sums == 0)
+
+
+def render_scene(geometry: SceneGeometry, split: str, seed: int, index: int) -> dict[str, Any]:
+    """Scene ``index`` of ``split`` for ``seed`` (see ``DigitScenesDataset.scene``); a pure function."""
+    check_choice("split", split, SCENE_SPLITS)
+    digits, digit_labels, digit_source = digit_split(split)
+    size, threshold = geometry.size, geometry.threshold
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], index]))
+    background = _background(rng, size)
+    image = background.copy()
+    mask = np.zeros((size, size), dtype=np.int64)
+    count = int(rng.integers(geometry.min_digits, geometry.max_digits + 1))
+    occupied = np.zeros((size, size), dtype=bool)
+    placements = []
+    for _ in range(count):
+        j = int(rng.integers(len(digits)))
+        s = int(rng.integers(geometry.min_digit_size, geometry.max_digit_size + 1))
+        colour = rng.uniform(0.65, 1.0, size=(3, 1, 1)).astype(np.float32)
+        free = _free_positions(occupied, s)
+        if len(free) == 0:
+            continue
+        top, left = (int(v) for v in free[rng.integers(len(free))])
+        occupied[top:top + s, left:left + s] = True
+        intensity = np.clip(_resize(digits[j], s), 0.0, 1.0)
+        pixels = intensity > threshold
+        label = int(digit_labels[j]) + 1
+        region = image[:, top:top + s, left:left + s]
+        region[:, pixels] = (colour * (0.55 + 0.45 * intensity))[:, pixels]
+        mask[top:top + s, left:left + s][pixels] = label
+        placements.append({"label": label, "digit": label - 1, "source_index": int(digit_source[j]),
+                           "top": top, "left": left, "size": s, "pixels": pixels})
+    return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask),
+            "background": torch.from_numpy(background), "placements": placements}
+
+
+@functools.lru_cache(maxsize=16)
+def _scene_stats(geometry: SceneGeometry) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = torch.stack([render_scene(geometry, "train", 0, i)["image"] for i in range(_STATS_SCENES)])
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -287,6 +287,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
         cb.on_fit_start(state)
     for epoch in range(start_epoch, epochs):
         state.epoch = epoch
+        _set_epoch(train_loader, epoch)
         model.train()
         started = time.perf_counter()
         loss_sum, correct, seen, samples = 0.0, 0, 0, 0
@@ -376,6 +377,13 @@ def _batch_accuracy(outputs: Any, targets: torch.Tensor, task: str, ignore_index
             valid = targets != ignore_index
             return int(((preds == targets) & valid).sum()), int(valid.sum())
         return int((preds == targets).sum()), int(targets.numel())
+
+
+def _set_epoch(loader: Iterable, epoch: int) -> None:
+    # epoch-indexed samplers (ours, DistributedSampler) make a resumed run see the same batches
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def _check_task(task: str) -> None:

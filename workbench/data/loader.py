@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._validate import check_bool, check_int
+from .samplers import EpochShuffleSampler
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -29,7 +30,7 @@ def make_loader(
     pin_memory: bool = False,
     persistent_workers: bool | None = None,
 ) -> DataLoader:
-    """``DataLoader`` over ``dataset``: shuffled with a generator seeded by ``seed`` when ``train``.
+    """``DataLoader`` over ``dataset``: shuffled per epoch from ``(seed, epoch)`` when ``train``.
 
     ``drop_last=None`` drops the last incomplete batch when training and the dataset holds at
     least one full batch (a trailing batch of one sample breaks BatchNorm in training mode),
@@ -50,7 +51,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -1,0 +1,168 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from workbench.data import make_loader
+from workbench.train import (
+    Callback,
+    NonFiniteLossError,
+    confusion_matrix,
+    evaluate,
+    fit,
+    load_checkpoint,
+    metrics_from_confusion,
+)
+
+
+def _toy_classification(n=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 2, 8, 8, generator=g) * 0.3
+    x[:, 0] += y.view(-1, 1, 1).float()  # the class is readable from channel 0's mean
+    return TensorDataset(x, y)
+
+
+def _toy_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def _loaders():
+    data = _toy_classification()
+    return (make_loader(data, batch_size=16, train=True, seed=0),
+            DataLoader(_toy_classification(64, seed=1), batch_size=32))
+
+
+def test_fit_learns_and_returns_plain_history():
+    train, val = _loaders()
+    model = _toy_model()
+    result = fit(model, train, val, epochs=4, device="cpu", progress=False,
+                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["val_acc"] > 0.9
+    assert len(result.step_log) == 4 * len(train)
+    metrics = evaluate(model, val, "cpu")
+    assert metrics["acc"] == pytest.approx(result.history[-1]["val_acc"])
+
+
+def test_callbacks_see_the_state_in_order():
+    train, _ = _loaders()
+    model = _toy_model()
+    events = []
+
+    class Spy(Callback):
+        def on_fit_start(self, s):
+            events.append("fit_start")
+
+        def on_step_start(self, s):
+            events.append("step_start")
+
+        def on_after_backward(self, s):
+            assert all(p.grad is not None for p in s.model.parameters())
+            events.append("after_backward")
+
+        def on_step_end(self, s):
+            assert s.loss is not None and s.inputs.shape[0] == s.targets.shape[0]
+            s.logs["spy"] = s.step
+            events.append("step_end")
+
+        def on_epoch_end(self, s):
+            events.append("epoch_end")
+            s.stop = True
+
+        def on_fit_end(self, s):
+            events.append("fit_end")
+
+    result = fit(model, train, epochs=3, device="cpu", progress=False, callbacks=[Spy()])
+    assert events[:4] == ["fit_start", "step_start", "after_backward", "step_end"]
+    assert events[-2:] == ["epoch_end", "fit_end"]
+    assert len(result.history) == 1, "a callback can stop training"
+    assert result.step_log[0]["spy"] == 0
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    train, val = _loaders()
+
+    def make():
+        model = _toy_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return model, opt, sched
+
+    torch.manual_seed(1)
+    full_model, opt, sched = make()
+    fit(full_model, train, val, epochs=3, optimizer=opt, scheduler=sched, device="cpu", progress=False)
+
+    torch.manual_seed(1)
+    model, opt, sched = make()
+    fit(model, train, val, epochs=2, optimizer=opt, scheduler=sched, device="cpu", progress=False,
+        checkpoint_dir=tmp_path)
+    ckpt = load_checkpoint(tmp_path / "last.pt")  # weights_only=True
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    model2, opt2, sched2 = make()
+    resumed = fit(model2, train, val, epochs=3, optimizer=opt2, scheduler=sched2, device="cpu", progress=False,
+                  checkpoint_dir=tmp_path, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**3)
+    for a, b in zip(full_model.state_dict().values(), model2.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    train, _ = _loaders()
+    model = _toy_model()
+    with torch.no_grad():
+        model[-1].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 0"):
+        fit(model, train, epochs=1, device="cpu", progress=False)
+
+
+def test_bad_arguments():
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match="task="):
+        fit(_toy_model(), train, task="detection", progress=False)
+    with pytest.raises(ValueError, match="epochs="):
+        fit(_toy_model(), train, epochs=-1, progress=False)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        fit(_toy_model(), train, resume=True, progress=False)
+
+
+def test_segmentation_metrics_with_ignore_index():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
+    conf = confusion_matrix(pred, target, 3, ignore_index=255)
+    assert conf.sum() == 6
+    m = metrics_from_confusion(conf, "segmentation")
+    # IoU: class0 1/(2+2-1)=1/3, class1 2/(2+3-2)=2/3, class2 1/(2+1-1)=1/2
+    assert m["per_class_iou"] == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert m["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert m["pixel_acc"] == pytest.approx(4 / 6)
+
+
+def test_segmentation_fit_with_aux_outputs():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (16, 8, 8), generator=g)
+    x = torch.stack([y.float(), torch.randn(16, 8, 8, generator=g) * 0.1], 1)
+    y[0, 0, 0] = 255
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.head, self.aux = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            f = self.body(x)
+            out = self.head(f)
+            if self.training:  # aux head at half resolution, like PSPNet's
+                return {"out": out, "aux": self.aux(f[..., ::2, ::2])}
+            return out
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    torch.manual_seed(0)
+    result = fit(Seg(), loader, loader, epochs=15, task="segmentation", device="cpu", progress=False,
+                 optimizer=None)
+    assert result.history[-1]["val_miou"] > 0.8

@@ -1,33 +1,22 @@
 """papermill runner: success, failure isolation, results.json/index.html, validation before any work."""
 
 import json
-from pathlib import Path
 
 import nbformat
 import pytest
-from nbformat.v4 import new_code_cell, new_notebook
+from nbhelpers import write_test_notebook
 
 from workbench import cli, runner
-
-
-def _notebook(path: Path, body: str, params: str = 'preset = "quick"\ndevice = "cpu"\nseed = 0\nscale = 2\n'):
-    nb = new_notebook()
-    nb.metadata["kernelspec"] = {"name": "workbench", "display_name": "Python (workbench)", "language": "python"}
-    cell = new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, new_code_cell(body)]
-    nbformat.write(nb, path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("nbs")
-    good = _notebook(root / "good.ipynb", "from workbench import report\nimport plotly.graph_objects as go\n"
+    good = write_test_notebook(root / "good.ipynb", "from workbench import report\nimport plotly.graph_objects as go\n"
                      "from workbench import viz\nviz.setup()\n"
                      "viz.show(go.Figure(go.Scatter(y=[1, scale])))\n"
                      "report.record('answer', 21 * scale)\nreport.record('curve', [1.0, 0.5])")
-    bad = _notebook(root / "bad.ipynb", "raise RuntimeError('boom on purpose')")
+    bad = write_test_notebook(root / "bad.ipynb", "raise RuntimeError('boom on purpose')")
     out = root / "run"
     results = runner.run([bad, good], {"scale": 3}, output=out, timeout=120, echo=lambda *_: None)
     return out, results

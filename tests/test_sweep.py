@@ -1,0 +1,74 @@
+"""Sweeps: Cartesian product, bounded parallelism, resume, failure isolation, validation up front."""
+
+import json
+import time
+
+import pytest
+from nbhelpers import write_test_notebook
+
+from workbench import cli
+from workbench.sweep import expand_grid, point_id, run_sweep
+
+PARAMS = 'preset = "quick"\ndevice = "cpu"\nseed = 0\nlr = 0.1\n'
+BODY = ("from workbench import report\n"
+        "if lr > 1.0:\n    raise ValueError(f'lr={lr} diverges')\n"
+        "report.record('score', seed + lr)")
+
+
+@pytest.fixture()
+def notebook(tmp_path):
+    return write_test_notebook(tmp_path / "toy.ipynb", BODY, PARAMS)
+
+
+def test_grid_and_ids():
+    assert expand_grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+    assert point_id({"seed": 0, "lr": 0.05}) == "seed=0,lr=0.05"
+    assert "/" not in point_id({"path": "a/b"})
+
+
+def test_sweep_runs_every_point_then_resumes(notebook, tmp_path):
+    out = tmp_path / "sweep"
+    started = time.perf_counter()
+    summary = run_sweep(str(notebook), {"seed": [0, 1], "lr": [0.05, 0.1]}, jobs=2, output=str(out),
+                        echo=lambda *_: None)
+    first = time.perf_counter() - started
+    assert summary["status"] == "done"
+    assert sorted(p["metrics"]["score"] for p in summary["points"]) == [0.05, 0.1, 1.05, 1.1]
+    assert all((out / p["output_html"]).exists() for p in summary["points"])
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["points"]) == 4 and {"parameters", "metrics", "status", "error", "duration"} <= set(
+        results["points"][0])
+    index = (out / "index.html").read_text()
+    assert "score vs lr" in index and "score vs seed" in index
+
+    started = time.perf_counter()
+    again = run_sweep(str(notebook), {"seed": [0, 1], "lr": [0.05, 0.1]}, jobs=2, output=str(out),
+                      echo=lambda *_: None)
+    assert time.perf_counter() - started < first / 3, "a finished sweep does no work the second time"
+    assert [p["duration"] for p in again["points"]] == [p["duration"] for p in summary["points"]]
+
+
+def test_one_failing_point_keeps_the_others(notebook, tmp_path):
+    out = tmp_path / "sweep"
+    summary = run_sweep(str(notebook), {"lr": [0.1, 5.0], "seed": [0, -1]}, jobs=2, output=str(out),
+                        echo=lambda *_: None)
+    status = {p["point"]: p["status"] for p in summary["points"]}
+    assert status == {"lr=0.1,seed=0": "done", "lr=0.1,seed=-1": "failed",
+                      "lr=5.0,seed=0": "failed", "lr=5.0,seed=-1": "failed"}
+    by_id = {p["point"]: p for p in summary["points"]}
+    assert "seed=-1 is out of range" in by_id["lr=0.1,seed=-1"]["error"]
+    assert "diverges" in by_id["lr=5.0,seed=0"]["error"]
+    assert summary["status"] == "failed"
+
+
+def test_bad_sweeps_refused_before_anything_runs(notebook, tmp_path, capsys):
+    out = tmp_path / "never"
+    for argv, message in [
+        (["sweep", "no_such_nb", "-p", "seed", "0"], "not found"),
+        (["sweep", str(notebook), "-p", "nosuch", "0"], "unknown parameter"),
+        (["sweep", str(notebook), "-p", "lr", "fast"], "lr='fast' has type str"),
+        (["sweep", str(notebook), "-p", "seed", "0", "--jobs", "0"], "--jobs=0"),
+    ]:
+        assert cli.main([*argv, "--output", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,268 @@
+"""Parameter sweeps: one notebook over the Cartesian product of parameter values.
+
+Each point is a papermill run in its own folder and its own process (so points never share a
+kernel, an environment variable or a port reservation). A point's outcome is written atomically to
+``point.json`` when it ends; rerunning the same sweep skips points already done and re-executes
+failed or interrupted ones. ``results.json`` and ``index.html`` at the sweep root collect them all.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import html
+import itertools
+import json
+import multiprocessing
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from workbench.io import write_json_atomic, write_text_atomic
+from workbench.runner import (
+    DEFAULT_CELL_TIMEOUT,
+    NotebookResult,
+    ensure_kernel,
+    execute_notebook,
+    load_spec,
+    project_root,
+    render_index,
+    resolve_notebook,
+)
+
+EXECUTORS = ("local", "ray")
+# kernels started in the same instant can race for the ports they reserve; space the starts out
+KERNEL_START_SPACING_S = 1.5
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict]:
+    names = list(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def point_id(params: Mapping[str, Any]) -> str:
+    """A readable, filesystem-safe folder name for a point, e.g. ``seed=0,lr=0.05``."""
+    text = ",".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items())
+    safe = re.sub(r"[^A-Za-z0-9=,._+-]", "_", text)
+    if len(safe) > 100 or safe != text:
+        safe = safe[:80] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return safe or "default"
+
+
+def default_output(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> Path:
+    digest = hashlib.sha1(json.dumps(grid, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return project_root() / "reports" / f"sweep-{notebook.stem}-{digest}"
+
+
+def check_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> tuple[list[dict], dict[str, str]]:
+    """Validate the grid against the notebook's parameters before anything runs.
+
+    Unknown names and values of the wrong type abort the whole sweep. A value of the right type
+    that its parameter refuses (out of range, not among the choices) makes only the points holding
+    it fail, with the reason; the others run.
+    """
+    if not grid:
+        raise ValueError("a sweep needs at least one -p NAME V1 [V2 ...] axis")
+    spec = load_spec(notebook)
+    unknown = sorted(set(grid) - set(spec.defaults))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {notebook.stem}; "
+                         f"allowed: {', '.join(sorted(spec.defaults))}")
+    for name, values in grid.items():
+        if not values:
+            raise ValueError(f"parameter {name} has no values")
+        for value in values:
+            try:
+                spec.spec[name].check(name, value)
+            except ValueError as exc:
+                if "has type" in str(exc):
+                    raise
+    points = expand_grid(grid)
+    refused = {}
+    for params in points:
+        try:
+            for name, value in params.items():
+                spec.spec[name].check(name, value)
+        except ValueError as exc:
+            refused[point_id(params)] = str(exc)
+    return points, refused
+
+
+def _execute_point(notebook: str, point_dir: str, params: dict, timeout: int, kernel: str) -> dict:
+    """Run in a worker process: one papermill execution, its outcome written to point.json."""
+    result = execute_notebook(Path(notebook), Path(point_dir), params, timeout=timeout, kernel_name=kernel,
+                              stem=Path(notebook).stem)
+    outcome = result.to_dict()
+    write_json_atomic(Path(point_dir) / "point.json", outcome)
+    return outcome
+
+
+def _refused_point(point_dir: Path, notebook: Path, params: dict, reason: str) -> dict:
+    outcome = NotebookResult(notebook=notebook.stem, parameters=params, status="failed",
+                             error=f"refused before execution: {reason}", duration=0.0).to_dict()
+    write_json_atomic(point_dir / "point.json", outcome)
+    return outcome
+
+
+def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, output: str | None = None,
+              timeout: int = DEFAULT_CELL_TIMEOUT, executor: str = "local", address: str | None = None,
+              gpus_per_point: float = 0.0, echo=print) -> dict:
+    """Execute every point of ``grid`` (resuming a previous run of the same sweep); return the summary."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs={jobs!r} must be an integer >= 1")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}; allowed: {EXECUTORS}")
+    if gpus_per_point < 0:
+        raise ValueError(f"--gpus-per-point={gpus_per_point!r} must be >= 0")
+    if not isinstance(timeout, int) or timeout <= 0:
+        raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
+    path = resolve_notebook(notebook)
+    grid = {k: list(v) for k, v in grid.items()}
+    points, refused = check_grid(path, grid)
+    ray_backend = None
+    if executor == "ray":
+        from workbench import ray_executor
+
+        ray_backend = ray_executor.connect(address)  # fails fast on a bad address, before any work
+    kernel = ensure_kernel()
+    root = Path(output) if output else default_output(path, grid)
+    (root / "points").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / "sweep.json", {"notebook": str(path), "grid": grid})
+
+    outcomes: dict[str, dict] = {}
+    todo = []
+    for params in points:
+        pid = point_id(params)
+        point_dir = root / "points" / pid
+        previous = _read_point(point_dir)
+        if previous is not None and previous.get("status") == "done":
+            outcomes[pid] = previous
+            continue
+        if pid in refused:
+            point_dir.mkdir(parents=True, exist_ok=True)
+            outcomes[pid] = _refused_point(point_dir, path, params, refused[pid])
+            continue
+        todo.append((pid, params, point_dir))
+    skipped = len(points) - len(todo) - len(refused)
+    echo(f"[workbench] sweep {path.stem}: {len(points)} points, {skipped} already done, "
+         f"{len(refused)} refused, {len(todo)} to run with {jobs} job(s) -> {root}")
+
+    def publish() -> dict:
+        summary = _summary(path, grid, points, outcomes, root)
+        write_json_atomic(root / "results.json", summary)
+        write_text_atomic(root / "index.html", render_sweep_index(summary))
+        return summary
+
+    publish()
+    lock = threading.Lock()
+
+    def finished(pid: str, outcome: dict) -> None:
+        with lock:
+            outcomes[pid] = outcome
+            publish()
+        echo(f"[workbench]   {pid}: {outcome['status']} in {outcome.get('duration') or 0:.0f} s"
+             + (f" -- {outcome['error'].splitlines()[0]}" if outcome.get("error") else ""))
+
+    if ray_backend is not None:
+        ray_backend.run(todo, path, timeout, kernel, gpus_per_point, jobs, _execute_point, finished)
+    else:
+        _run_local(todo, path, timeout, kernel, jobs, finished)
+    summary = publish()
+    echo(f"[workbench] sweep index: {root / 'index.html'}")
+    return summary
+
+
+def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {}
+        try:
+            for i, (pid, params, point_dir) in enumerate(todo):
+                if i and i < jobs:
+                    time.sleep(KERNEL_START_SPACING_S)
+                future = pool.submit(_execute_point, str(path), str(point_dir), params, timeout, kernel)
+                futures[future] = (pid, params)
+            for future in cf.as_completed(futures):
+                pid, params = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # the worker itself died: record, keep the others
+                    outcome = NotebookResult(notebook=path.stem, parameters=params, status="failed",
+                                             error=f"worker failed: {exc!r}").to_dict()
+                finished(pid, outcome)
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _read_point(point_dir: Path) -> dict | None:
+    try:
+        return json.loads((point_dir / "point.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _summary(path: Path, grid: dict, points: list[dict], outcomes: dict[str, dict], root: Path) -> dict:
+    rows = []
+    for params in points:
+        pid = point_id(params)
+        outcome = outcomes.get(pid) or {"status": "pending", "parameters": params, "metrics": {}, "error": None,
+                                        "duration": None}
+        row = {"point": pid, **outcome, "parameters": params}
+        for key in ("output_ipynb", "output_html"):
+            if row.get(key):
+                row[key] = f"points/{pid}/{row[key]}"
+        rows.append(row)
+    status = "done" if all(r["status"] == "done" for r in rows) else (
+        "failed" if all(r["status"] in ("done", "failed") for r in rows) else "incomplete")
+    return {"notebook": path.stem, "grid": grid, "status": status, "points": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Index
+
+
+def metric_figures(summary: Mapping[str, Any]) -> list:
+    """One plotly figure per (numeric metric, swept parameter): metric against the parameter,
+    one trace per combination of the other parameters."""
+    import plotly.graph_objects as go
+
+    done = [p for p in summary["points"] if p["status"] == "done"]
+    metric_names = sorted({k for p in done for k, v in p.get("metrics", {}).items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    figures = []
+    for metric in metric_names:
+        for axis in summary["grid"]:
+            others = [a for a in summary["grid"] if a != axis]
+            groups: dict[str, list] = {}
+            for p in done:
+                key = ", ".join(f"{o}={p['parameters'][o]}" for o in others) or metric
+                groups.setdefault(key, []).append((p["parameters"][axis], p["metrics"].get(metric)))
+            fig = go.Figure()
+            for key, pairs in groups.items():
+                pairs.sort(key=lambda xy: (str(type(xy[0])), xy[0]))
+                fig.add_trace(go.Scatter(x=[str(x) if isinstance(x, (list, dict)) else x for x, _ in pairs],
+                                         y=[y for _, y in pairs], mode="lines+markers", name=key))
+            fig.update_layout(title=f"{metric} vs {axis}", xaxis_title=axis, yaxis_title=metric,
+                              template="plotly_white", height=360)
+            figures.append(fig)
+    return figures
+
+
+def render_sweep_index(summary: Mapping[str, Any]) -> str:
+    import plotly.io as pio
+
+    figures = metric_figures(summary)
+    parts = []
+    for i, fig in enumerate(figures):
+        # plotly.js inlined once, so the page renders without a network connection
+        parts.append(pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0)))
+    grid = html.escape(json.dumps(summary["grid"]))
+    extra = f"<h2>grid</h2><pre>{grid}</pre><h2>metrics against parameters</h2>" + "\n".join(parts)
+    as_run = {"run_id": f"sweep {summary['notebook']} ({summary['status']})",
+              "notebooks": [{**p, "notebook": p["point"]} for p in summary["points"]]}
+    return render_index(as_run, extra_html=extra)

@@ -14,10 +14,19 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ._validate import check_choice
+from .cifar import CIFAR_MEAN, CIFAR_SPLITS, CIFAR_STD, CIFARDataset, cifar_layout, cifar_transform
+from .cityscapes import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LAYOUT,
+    CITYSCAPES_SPLITS,
+    CityscapesDataset,
+    label_id_to_train_id,
+)
 from .digits import DIGITS_CLASSES, DIGITS_SPLITS, DigitsDataset, digit_split
 from .loader import make_loader
 from .paths import DATA_ENV_VAR, default_data_root, resolve_root
 from .scenes import SCENE_CLASSES, SCENE_SPLITS, DigitScenesDataset, render_scene
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, segmentation_transform
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,26 @@ def _build_scenes(split: str, root: Any, **options: Any) -> Dataset:
     return DigitScenesDataset(split, **options)
 
 
+def _build_cifar10(split: str, root: Any, **options: Any) -> Dataset:
+    return CIFARDataset("cifar10", split, root, **options)
+
+
+def _build_cifar100(split: str, root: Any, **options: Any) -> Dataset:
+    return CIFARDataset("cifar100", split, root, **options)
+
+
+def _build_cityscapes(split: str, root: Any, **options: Any) -> Dataset:
+    return CityscapesDataset(split, root, **options)
+
+
+_CIFAR_OPTIONS = {
+    "augment": "split == 'train': RandomCrop(32, padding=4) + RandomHorizontalFlip",
+    "normalize": "True: per-channel mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)",
+    "transform": "None: callable replacing the pipeline; receives a uint8 (3,32,32) tensor",
+    "verify": "False: also check the official md5 sums",
+}
+
+
 DATASET_INFO: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         name="digits", task="classification", num_classes=10, in_channels=3, splits=DIGITS_SPLITS,
@@ -67,6 +96,28 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         description="textured scenes with 2..4 non-overlapping digits; mask 0 = background, "
                     "1..10 = digit + 1",
         builder=_build_scenes),
+    "cifar10": DatasetInfo(
+        name="cifar10", task="classification", num_classes=10, in_channels=3, splits=CIFAR_SPLITS,
+        options=_CIFAR_OPTIONS, needs_download=True, ignore_index=None,
+        description=f"CIFAR-10 python release, {cifar_layout('cifar10')}",
+        builder=_build_cifar10),
+    "cifar100": DatasetInfo(
+        name="cifar100", task="classification", num_classes=100, in_channels=3, splits=CIFAR_SPLITS,
+        options=_CIFAR_OPTIONS, needs_download=True, ignore_index=None,
+        description=f"CIFAR-100 python release (fine labels), {cifar_layout('cifar100')}",
+        builder=_build_cifar100),
+    "cityscapes": DatasetInfo(
+        name="cityscapes", task="segmentation", num_classes=len(CITYSCAPES_CLASSES), in_channels=3,
+        splits=CITYSCAPES_SPLITS,
+        options={"augment": "split == 'train': random scale, crop and flip",
+                 "resize": "None: working resolution, int (shorter side) or (h, w)",
+                 "crop_size": "None (= working size): random crop when augmenting",
+                 "scale": "(0.5, 2.0): random scale range when augmenting; None disables",
+                 "flip": "True: random horizontal flip when augmenting",
+                 "normalize": "True: ImageNet mean/std"},
+        needs_download=True, ignore_index=255,
+        description=f"Cityscapes fine, 19 train ids + 255 ignore, {CITYSCAPES_LAYOUT}",
+        builder=_build_cityscapes),
 }
 
 
@@ -95,17 +146,27 @@ def get_dataset(name: str, split: str, root: str | os.PathLike[str] | None = Non
 
 
 __all__ = [
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "CITYSCAPES_CLASSES",
+    "CIFARDataset",
+    "CityscapesDataset",
     "DATASET_INFO",
     "DATA_ENV_VAR",
     "DIGITS_CLASSES",
     "DatasetInfo",
     "DigitScenesDataset",
     "DigitsDataset",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "SCENE_CLASSES",
     "default_data_root",
     "digit_split",
+    "cifar_transform",
     "get_dataset",
+    "label_id_to_train_id",
     "list_datasets",
     "make_loader",
     "render_scene",
+    "segmentation_transform",
 ]

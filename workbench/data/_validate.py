@@ -42,9 +42,8 @@ def check_float(param: str, value: Any, minimum: float | None = None, maximum: f
 
 def check_hw(param: str, value: Any, minimum: int = 1) -> tuple[int, int]:
     """An ``int`` (square) or an ``(h, w)`` pair of positive integers."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, tuple | list) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)):
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(pair, tuple | list) or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair)):
         raise ValueError(f"{param}={value!r} must be an integer >= {minimum} or a pair (h, w) of them")
-    return int(value[0]), int(value[1])
+    return int(pair[0]), int(pair[1])

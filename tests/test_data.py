@@ -352,6 +352,14 @@ def test_cityscapes_loads_with_train_ids(cityscapes_root):
     assert len(train) == 3 and train.augment
 
 
+def test_cityscapes_found_under_data_root(tmp_path, monkeypatch):
+    write_fake_cityscapes(tmp_path / "cityscapes", cities={"val": {"lindau": 1}})
+    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
+    ds = get_dataset("cityscapes", "val")
+    assert len(ds) == 1 and ds.root == tmp_path / "cityscapes"
+    assert len(get_dataset("cityscapes", "val", root=tmp_path / "cityscapes")) == 1
+
+
 def test_cityscapes_augmented_batches_stack(cityscapes_root):
     root, _ = cityscapes_root
     ds = get_dataset("cityscapes", "train", root=root)

@@ -44,10 +44,18 @@ def label_id_to_train_id() -> torch.Tensor:
 _LUT = label_id_to_train_id()
 
 
+def cityscapes_dir(root: Path) -> Path:
+    """``root`` itself (torchvision's convention) or, when it holds one, ``root/cityscapes``, so the
+    shared data root works for Cityscapes as it does for CIFAR."""
+    nested = root / "cityscapes"
+    return nested if not (root / "leftImg8bit").is_dir() and nested.is_dir() else root
+
+
 def cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     """Sorted ``(image, labelIds)`` paths of ``split``; ``FileNotFoundError`` names what is missing."""
     hint = (f"Expected layout: {CITYSCAPES_LAYOUT.format(split=split)}. Nothing is downloaded "
-            "automatically; pass root=... or set $WORKBENCH_DATA.")
+            "automatically; <root> is the Cityscapes folder or a folder holding cityscapes/, "
+            "passed as root=... or set in $WORKBENCH_DATA.")
     if not root.is_dir():
         raise FileNotFoundError(f"cityscapes data root {root} does not exist. {hint}")
     images_dir, labels_dir = root / "leftImg8bit" / split, root / "gtFine" / split
@@ -116,7 +124,7 @@ class CityscapesDataset(Dataset):
         self.scale = scale
         self.flip = check_bool("flip", flip)
         self.normalize = check_bool("normalize", normalize)
-        self.root = Path(root)
+        self.root = cityscapes_dir(Path(root))
         self.pairs = cityscapes_pairs(self.root, split)
         self.mean = IMAGENET_MEAN if normalize else (0.0, 0.0, 0.0)
         self.std = IMAGENET_STD if normalize else (1.0, 1.0, 1.0)

@@ -15,6 +15,7 @@ from typing import Any
 from workbench.io import write_json_atomic
 
 ENV_VAR = "WORKBENCH_METRICS"
+BATCH_ENV_VAR = "WORKBENCH_BATCH"
 _metrics: dict[str, Any] = {}
 
 
@@ -43,6 +44,12 @@ def record(name: str, value: Any) -> Any:
     if path:
         write_json_atomic(Path(path), _metrics)
     return value
+
+
+def is_batch() -> bool:
+    """True when executed unattended (by the runner, or with ``WORKBENCH_BATCH=1``): notebooks then
+    show static figures rather than widgets no one will touch."""
+    return bool(os.environ.get(ENV_VAR)) or os.environ.get(BATCH_ENV_VAR, "") not in ("", "0")
 
 
 def recorded() -> dict:

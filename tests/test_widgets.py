@@ -1,0 +1,48 @@
+import plotly.graph_objects as go
+
+from workbench import report, widgets
+
+
+def _build(result, level):
+    return go.Figure(go.Scatter(x=[0, 1], y=result, name=f"level {level}"))
+
+
+def test_interactive_figure_updates_in_place_and_caches():
+    calls = []
+
+    def compute(level):
+        calls.append(level)
+        return [level, 2 * level]
+
+    slider = widgets.noise_level_slider(0.5, levels=[0.0, 0.5, 1.0])
+    panel = widgets.InteractiveFigure({"level": slider}, compute, _build)
+    figure = panel.figure
+    assert list(figure.data[0].y) == [0.5, 1.0]
+    slider.value = 1.0
+    assert panel.figure is figure, "the same FigureWidget is updated, not replaced"
+    assert list(figure.data[0].y) == [1.0, 2.0]
+    slider.value = 0.5
+    assert list(figure.data[0].y) == [0.5, 1.0]
+    assert calls == [0.5, 1.0], "a setting already computed is served from the cache"
+
+
+def test_failure_is_shown_next_to_the_control():
+    def compute(level):
+        if level > 0.5:
+            raise RuntimeError("diverged")
+        return [level, level]
+
+    slider = widgets.noise_level_slider(0.0, levels=[0.0, 1.0])
+    panel = widgets.InteractiveFigure({"level": slider}, compute, _build)
+    slider.value = 1.0
+    assert "diverged" in panel.status.value
+    assert list(panel.figure.data[0].y) == [0.0, 0.0]
+
+
+def test_batch_mode_shows_static_figure(monkeypatch):
+    monkeypatch.setenv(report.BATCH_ENV_VAR, "1")
+    slider = widgets.prune_ratio_slider(0.3, options=[0.1, 0.3])
+    assert widgets.static_or_interactive({"ratio": slider}, lambda ratio: [ratio, ratio],
+                                         lambda r, ratio: _build(r, ratio)) is None
+    monkeypatch.delenv(report.BATCH_ENV_VAR)
+    assert not report.is_batch()

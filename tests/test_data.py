@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from tests.fake_datasets import (
+from fake_datasets import (
     CIFAR10_NAMES,
     CITYSCAPES_FAKE_IDS,
     write_fake_cifar10,
     write_fake_cifar100,
     write_fake_cityscapes,
 )
+from PIL import Image
+
 from workbench.data import (
     CIFAR_MEAN,
     CIFAR_STD,

@@ -72,3 +72,34 @@ def test_bad_sweeps_refused_before_anything_runs(notebook, tmp_path, capsys):
         assert cli.main([*argv, "--output", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_ray_executor_same_results_shape_isolation_and_resume(ray_local, notebook, tmp_path):
+    out = tmp_path / "ray-sweep"
+    grid = {"lr": [0.1, 5.0]}
+    summary = run_sweep(str(notebook), grid, jobs=2, output=str(out), executor="ray", echo=lambda *_: None)
+    local = run_sweep(str(notebook), grid, jobs=2, output=str(tmp_path / "local"), echo=lambda *_: None)
+    assert [set(p) for p in summary["points"]] == [set(p) for p in local["points"]]
+    assert {p["point"]: p["status"] for p in summary["points"]} == {"lr=0.1": "done", "lr=5.0": "failed"}
+    assert summary["points"][0]["metrics"] == local["points"][0]["metrics"] == {"score": 0.1}
+    again = run_sweep(str(notebook), grid, jobs=2, output=str(out), executor="ray", echo=lambda *_: None)
+    assert again["points"][0]["duration"] == summary["points"][0]["duration"], "done point not rerun"
+
+
+def test_unreachable_ray_address_is_refused_before_work(notebook, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = cli.main(["sweep", str(notebook), "-p", "seed", "0", "--executor", "ray", "--address", "127.0.0.1:1",
+                     "--output", str(out)])
+    assert code == 2
+    assert "no Ray cluster answers" in capsys.readouterr().err
+    assert not out.exists()

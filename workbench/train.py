@@ -224,9 +224,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel/DataParallel wrapper (checkpoints hold its keys,
+    so a DDP checkpoint loads in one process and vice versa)."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
 def _checkpoint(state: TrainState, callbacks: Sequence[Callback]) -> dict:
     return {
-        "model": state.model.state_dict(),
+        "model": unwrap(state.model).state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "epoch": state.epoch,
@@ -252,7 +258,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
         optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
         scheduler_interval: str = "epoch", callbacks: Sequence[Callback] = (),
         device: str | torch.device = "auto", amp: str | bool = "off", checkpoint_dir: str | None = None,
-        resume: bool = False, task: str = "classification", loss_fn: Callable | None = None,
+        resume: bool = False, write_checkpoints: bool = True, task: str = "classification",
+        loss_fn: Callable | None = None,
         ignore_index: int = 255, aux_weight: float = 0.4, num_classes: int | None = None,
         grad_clip: float | None = None, max_steps: int | None = None, progress: bool = True,
         log_every: int = 1) -> FitResult:
@@ -260,8 +267,9 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
 
     ``scheduler`` steps once per epoch (``scheduler_interval="epoch"``) or per optimiser step
     (``"step"``). With ``checkpoint_dir`` a checkpoint (model, optimiser, scheduler, callbacks,
-    history) is written atomically after every epoch as ``last.pt``; ``resume=True`` continues
-    from it. A NaN/inf loss stops training with :class:`NonFiniteLossError` naming the epoch and step.
+    history) is written atomically after every epoch as ``last.pt`` (by the process with
+    ``write_checkpoints``: rank 0 under DDP); ``resume=True`` continues from it. A NaN/inf loss
+    stops training with :class:`NonFiniteLossError` naming the epoch and step.
     """
     _check_task(task)
     if not isinstance(epochs, int) or epochs < 0:
@@ -346,7 +354,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
             scheduler.step()
         for cb in callbacks:
             cb.on_epoch_end(state)
-        if ckpt_path is not None:
+        if ckpt_path is not None and write_checkpoints:
             state.epoch = epoch + 1
             atomic_save(_checkpoint(state, callbacks), ckpt_path)
         if state.stop or (max_steps is not None and state.step >= max_steps):
@@ -357,7 +365,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
 
 
 def _restore(state: TrainState, ckpt: dict, callbacks: Sequence[Callback]) -> int:
-    state.model.load_state_dict(ckpt["model"])
+    unwrap(state.model).load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.scheduler is not None and ckpt.get("scheduler") is not None:
         state.scheduler.load_state_dict(ckpt["scheduler"])

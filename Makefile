@@ -36,3 +36,7 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# README pictures: the main figure of each notebook from the newest run, exported through Chromium.
+images: $(STAMP)
+	$(BIN)/python scripts/export_figures.py

@@ -1,0 +1,118 @@
+"""Inference cost of a model: parameters, FLOPs and latency.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (a dispatch mode, so functional
+ops are seen as well as modules). Its built-in formulas count convolutions and matrix products
+(2 FLOPs per multiply-accumulate). :data:`ELEMENTWISE_OPS` adds the element-wise work attention
+layers do at inference, counted as follows (the convention is ours, the paper gives none):
+
+- ``add``/``sub``/``mul``/``div``/``sigmoid``/``tanh``/``softmax``: 1 FLOP per output element
+  (IEBN's and SE/DIA's gates and rescaling, residual additions, CFF sums);
+- ``mean``/``sum``: 1 FLOP per input element (global average pooling inside IEBN/SE/DIA);
+- batch normalisation in eval mode: 2 FLOPs per element (a per-channel scale and shift).
+
+ReLU, pooling, interpolation and max-unpooling are not counted. ``total`` is the sum of both parts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def _numel(shape: Any) -> int:
+    # ops with several outputs (batch norm) give a tuple of shapes: the first is the activation
+    while isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = shape[0]
+    return int(math.prod(shape)) if shape is not None else 0
+
+
+def _per_output(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return _numel(out_shape)
+
+
+def _per_input(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return _numel(x_shape)
+
+
+def _norm(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * _numel(out_shape)
+
+
+def _ops(names: Sequence[str]) -> list:
+    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+
+
+ELEMENTWISE_OPS: dict[Any, Any] = {
+    **{op: _per_output for op in _ops(["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "sigmoid",
+                                        "sigmoid_", "tanh", "tanh_", "_softmax", "addcmul", "addcmul_"])},
+    **{op: _per_input for op in _ops(["mean", "sum"])},
+    **{op: _norm for op in _ops(["native_batch_norm", "_native_batch_norm_legit_no_training",
+                                 "_native_batch_norm_legit", "cudnn_batch_norm", "miopen_batch_norm"])},
+}
+
+
+def _as_args(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, inputs: Any) -> dict[str, int]:
+    """FLOPs of one eval-mode forward: ``{"total", "conv_matmul", "elementwise"}``."""
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as base:
+            model(*_as_args(inputs))
+        with FlopCounterMode(display=False, custom_mapping=ELEMENTWISE_OPS) as full:
+            model(*_as_args(inputs))
+    finally:
+        for m, mode in was_training.items():
+            m.training = mode
+    conv = int(base.get_total_flops())
+    total = int(full.get_total_flops())
+    return {"total": total, "conv_matmul": conv, "elementwise": total - conv}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, inputs: Any, runs: int = 10, warmup: int = 3) -> float:
+    """Median wall time of one eval-mode forward, in milliseconds, on the device ``inputs`` live on."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs={runs!r} must be >= 1 and warmup={warmup!r} >= 0")
+    args = _as_args(inputs)
+    device = args[0].device
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for _ in range(warmup):
+            model(*args)
+        _sync(device)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(*args)
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        for m, mode in was_training.items():
+            m.training = mode
+    return statistics.median(times)

@@ -1,0 +1,151 @@
+r"""Gradient noise scale :math:`B_\text{simple} = \mathrm{tr}(\Sigma)/|G|^2` (McCandlish et al. 2018).
+
+From :math:`\mathbb E|G_B|^2 = |G|^2 + \mathrm{tr}(\Sigma)/B` at two batch sizes :math:`b < B`
+(papers.md 6.1), each step gives unbiased estimates
+
+.. math::
+    \widehat{|G|^2} = \frac{B|G_B|^2 - b|G_b|^2}{B - b},\qquad
+    \widehat{\mathrm{tr}\Sigma} = \frac{|G_b|^2 - |G_B|^2}{1/b - 1/B}.
+
+Their ratio is biased and single-step values are noisy (often negative), so the probe keeps
+separate exponential moving averages of the two (bias-corrected, as Adam's) and divides only at
+read-out. Two ways to get :math:`G_b` and :math:`G_B`:
+
+- ``method="two_batch"``: :math:`G_B` is the training gradient of the step (batch :math:`B`, read
+  from ``.grad`` after ``backward``, so it includes whatever the training forward did, injected
+  noise too), :math:`G_b` the gradient of the first :math:`b = B/k` samples on the probe copy.
+  One extra small backward per measurement.
+- ``method="micro"``: the batch is split into :math:`k` micro-batches of :math:`b` samples, each
+  normalised with its own statistics, and their gradients come from one vectorised pass
+  (:func:`~workbench.probes.microbatch.micro_batch_gradients`); :math:`|G_b|^2` is the mean of the
+  micro-gradient norms and :math:`G_B` their mean (exactly the data-parallel situation with
+  :math:`k` devices, papers.md 6.3). This equals the sample-variance form
+  :math:`\widehat{\mathrm{tr}\Sigma} = b\,\widehat{\mathrm{Var}}`,
+  :math:`\widehat{|G|^2} = |\bar g|^2 - \widehat{\mathrm{Var}}/k`.
+
+With batch norm, per-example gradients do not exist; :math:`\Sigma` here is the covariance of
+*micro-batch* gradients scaled by :math:`b`, the quantity that matters for the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from workbench.probes.base import Probe
+from workbench.probes.microbatch import (
+    ProbeCopy,
+    batch_gradient,
+    check_micro_batches,
+    flat_norm_sq,
+    micro_batch_gradients,
+)
+
+METHODS = ("two_batch", "micro")
+
+
+def two_batch_estimates(sq_small: float, sq_big: float, b: int, big: int) -> tuple[float, float]:
+    """Unbiased ``(|G|^2, tr Sigma)`` from squared gradient norms at batch sizes ``b < big``."""
+    if not 0 < b < big:
+        raise ValueError(f"batch sizes b={b}, B={big} are not valid; allowed: 0 < b < B")
+    g2 = (big * sq_big - b * sq_small) / (big - b)
+    trace = (sq_small - sq_big) / (1.0 / b - 1.0 / big)
+    return g2, trace
+
+
+class EMA:
+    """Bias-corrected exponential moving average (``value`` is ``None`` before the first update)."""
+
+    def __init__(self, beta: float) -> None:
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"ema={beta!r} is not valid; allowed: a number in [0, 1)")
+        self.beta = float(beta)
+        self.raw = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> float:
+        self.raw = self.beta * self.raw + (1.0 - self.beta) * value
+        self.count += 1
+        return self.value
+
+    @property
+    def value(self) -> float | None:
+        if self.count == 0:
+            return None
+        return self.raw / (1.0 - self.beta ** self.count)
+
+    def state_dict(self) -> dict:
+        return {"raw": self.raw, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw, self.count = float(state["raw"]), int(state["count"])
+
+
+def _ratio(num: float | None, den: float | None) -> float:
+    if num is None or den is None or den <= 0:
+        return math.nan
+    return num / den
+
+
+class GradientNoiseScale(Probe):
+    """Callback recording ``B_simple`` every ``every`` steps; see the module docstring.
+
+    Records: ``g2``, ``trace`` (this step's unbiased estimates), ``g2_ema``, ``trace_ema``,
+    ``b_simple`` (ratio of the averages), ``b``, ``B``.
+    """
+
+    name = "gradient_noise_scale"
+    hook = "on_after_backward"
+
+    def __init__(self, every: int = 50, micro_batches: int = 4, method: str = "micro", ema: float = 0.9,
+                 path: str | os.PathLike | None = None) -> None:
+        super().__init__(every, path)
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not valid; allowed: {METHODS}")
+        check_micro_batches(micro_batches, micro_batches)
+        self.method = method
+        self.micro_batches = micro_batches
+        self._g2, self._trace = EMA(ema), EMA(ema)
+        self._copy = ProbeCopy()
+
+    def config(self) -> dict:
+        return {**super().config(), "method": self.method, "micro_batches": self.micro_batches, "ema": self._g2.beta}
+
+    @property
+    def b_simple(self) -> float:
+        return _ratio(self._trace.value, self._g2.value)
+
+    def measure(self, state: Any) -> dict | None:
+        model, x, y = state.model, state.inputs, state.targets
+        k = self.micro_batches
+        b = check_micro_batches(x.shape[0], k)
+        clone = self._copy.get(model)
+        if self.method == "micro":
+            grads = micro_batch_gradients(model, x, y, state.loss_fn, k, clone=clone)
+            sq_small = float(flat_norm_sq(grads, dim0=True).mean())
+            sq_big = float(flat_norm_sq({n: g.mean(0) for n, g in grads.items()}))
+            big = k * b
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if any(p.grad is None for p in params):
+                full = batch_gradient(model, x, y, state.loss_fn, clone=clone)
+                sq_big = float(flat_norm_sq(full))
+            else:
+                sq_big = float(sum(p.grad.detach().double().square().sum() for p in params))
+            small = batch_gradient(model, x[:b], y[:b], state.loss_fn, clone=clone)
+            sq_small = float(flat_norm_sq(small))
+            big = x.shape[0]
+        g2, trace = two_batch_estimates(sq_small, sq_big, b, big)
+        g2_ema, trace_ema = self._g2.update(g2), self._trace.update(trace)
+        return {"g2": g2, "trace": trace, "g2_ema": g2_ema, "trace_ema": trace_ema,
+                "b_simple": _ratio(trace_ema, g2_ema), "b": b, "B": big}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "g2": self._g2.state_dict(), "trace": self._trace.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "g2" in state:
+            self._g2.load_state_dict(state["g2"])
+            self._trace.load_state_dict(state["trace"])

@@ -1,0 +1,67 @@
+"""SyncIEBN2d: IEBN whose batch statistics are pooled over a process group (DDP / torchrun)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.nn.functional import all_reduce
+
+from workbench.nn.functional import PlaneMoments
+from workbench.nn.iebn import IEBN2d
+
+
+class SyncIEBN2d(IEBN2d):
+    """:class:`IEBN2d` with batch mean and variance pooled across ``process_group`` in training.
+
+    Each rank contributes its local count, mean and biased variance; the pooled statistics are the
+    exact moments of the union (parallel-variance formula, no E[x^2] - E[x]^2 cancellation) and
+    gradients flow back to every rank through a differentiable all-reduce, as in
+    ``nn.SyncBatchNorm``. The gate stays per sample and needs no communication. Outside training,
+    or when ``torch.distributed`` is not initialised, it behaves exactly like IEBN2d. Synchronises
+    whenever a process group is initialised, also with a single process (so the path is testable).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    @classmethod
+    def from_iebn(cls, module: IEBN2d, process_group: dist.ProcessGroup | None = None) -> SyncIEBN2d:
+        """A SyncIEBN2d sharing ``module``'s parameters, buffers and hook attributes."""
+        if not isinstance(module, IEBN2d):
+            raise ValueError(f"module={type(module).__name__} is not valid; allowed: an IEBN2d")
+        ref = module.attn_weight
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  process_group, device=ref.device, dtype=ref.dtype)
+        new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        new.attn_weight, new.attn_bias = module.attn_weight, module.attn_bias
+        new.attention_probe = module.attention_probe
+        new.stat_transform = module.stat_transform
+        new.stat_transform_updates_running_stats = module.stat_transform_updates_running_stats
+        new.train(module.training)
+        return new
+
+    def _batch_statistics(self, moments: PlaneMoments, plane_size: int) -> tuple[Tensor, Tensor, int | Tensor]:
+        count = moments.mean.shape[0] * plane_size
+        mean, var = moments.batch_mean, moments.batch_var
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return mean, var, count
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        # Each rank writes (count, count * mean, count * var) into its own row; a differentiable
+        # all-reduce sums the rows, so every rank sees all and gradients return to their source.
+        local = torch.stack([torch.full_like(mean, float(count)), mean * count, var * count])
+        rows = torch.cat([local.new_zeros((rank, *local.shape)), local.unsqueeze(0),
+                          local.new_zeros((world - rank - 1, *local.shape))])
+        rows = all_reduce(rows, group=group)
+        counts, sums, var_sums = rows[:, 0], rows[:, 1], rows[:, 2]
+        total = counts.sum(0)
+        pooled_mean = sums.sum(0) / total
+        rank_means = sums / counts
+        pooled_var = (var_sums + counts * (rank_means - pooled_mean).square()).sum(0) / total
+        return pooled_mean, pooled_var, total

@@ -12,8 +12,9 @@ from plotly.subplots import make_subplots
 
 from workbench.viz.common import PALETTE, base_layout
 
-GATE_COLORS = {"i": PALETTE[0], "f": PALETTE[1], "o": PALETTE[2], "g": PALETTE[3]}
-GATE_NAMES = {"i": "input gate i", "f": "forget gate f", "o": "output gate o", "g": "candidate g"}
+GATE_COLORS = {"i": PALETTE[0], "f": PALETTE[1], "o": PALETTE[2], "g": PALETTE[3], "h": PALETTE[4]}
+GATE_NAMES = {"i": "input gate i", "f": "forget gate f", "o": "output gate o", "g": "candidate g",
+              "h": "hidden state h"}
 
 
 def _nonempty(mapping: Mapping, name: str) -> None:

@@ -1,0 +1,22 @@
+"""Read-only measurements: gradient noise, BN statistics, attention recorders."""
+
+from workbench.probes.attention import (  # noqa: F401
+    AttentionAccumulator,
+    AttentionMonitor,
+    AttentionRecorder,
+    AttentionStats,
+    attention_sites,
+    collect_attention,
+)
+from workbench.probes.base import Probe, ProbeLog, load_probe_log  # noqa: F401
+from workbench.probes.bn_stats import BNEstimationNoise, bn_input_moments, estimation_noise  # noqa: F401
+from workbench.probes.coupling import CouplingGap, coupling_gap  # noqa: F401
+from workbench.probes.dia import DIARecorder, dia_cells, gate_summary  # noqa: F401
+from workbench.probes.gradient_noise import GradientNoiseScale, two_batch_estimates  # noqa: F401
+from workbench.probes.gsnr import GradientSNR, gsnr_from_micro_gradients  # noqa: F401
+from workbench.probes.microbatch import (  # noqa: F401
+    batch_gradient,
+    micro_batch_gradients,
+    micro_batch_gradients_loop,
+    probe_copy,
+)

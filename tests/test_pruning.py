@@ -286,3 +286,20 @@ def test_conv_flops_formula() -> None:
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
     flops = count_flops(conv, torch.randn(2, 4, 5, 5))
     assert flops["conv_matmul"] == 2 * 2 * 6 * 5 * 5 * 4 * 9 and flops["elementwise"] == 0
+
+
+def test_round_to_keeps_multiples() -> None:
+    model = randomise_scales(Chain(widths=(24, 32, 40, 48)))
+    _, report = prune(model, 0.5, torch.randn(1, 3, 8, 8), round_to=8, latency=False)
+    kept = [report.layers[f"features.{i}"][1] for i in (1, 4, 7, 10)]
+    assert all(k % 8 == 0 for k in kept) and sum(kept) < 144
+    with pytest.raises(ValueError, match="round_to"):
+        prune(model, 0.5, torch.randn(1, 3, 8, 8), round_to=0)
+
+
+def test_benchmark_quick_runs(capsys) -> None:
+    from workbench.benchmarks.pruning import main
+
+    assert main(["--quick", "--models", "pspnet_resnet18", "--ratios", "0.5", "--runs", "1", "--size", "32", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "pspnet_resnet18 | 0.50" in out and "efficiency" in out

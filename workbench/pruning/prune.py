@@ -110,8 +110,10 @@ def _check_ratio(ratio: Any) -> float:
 
 
 def _validate(model: nn.Module, ratio: Any, example_inputs: Any, method: str, min_channels: Any,
-              max_layer_ratio: Any, importance: Any) -> float:
+              max_layer_ratio: Any, importance: Any, round_to: Any = None) -> float:
     ratio = _check_ratio(ratio)
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to={round_to!r} must be None or a positive integer")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not valid; allowed: {METHODS}")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
@@ -183,8 +185,8 @@ def prune(model: nn.Module, ratio: float, example_inputs: Any, method: str = "sl
           max_layer_ratio: float = 0.9, ignored_layers: Sequence[nn.Module | str] | None = None,
           guidance: dict[str, torch.Tensor] | None = None, attention: dict[str, torch.Tensor] | Any = None,
           couplings: Sequence[tuple[nn.Module | str, nn.Module | str]] = (), group_reduction: str = "mean",
-          customized_pruners: dict | None = None, latency: bool = True, latency_runs: int = 10,
-          latency_inputs: Any = None) -> tuple[nn.Module, PruneReport]:
+          customized_pruners: dict | None = None, round_to: int | None = None, latency: bool = True,
+          latency_runs: int = 10, latency_inputs: Any = None) -> tuple[nn.Module, PruneReport]:
     """Prune ``ratio`` of the BN-ranked channels of ``model`` globally and remove them physically.
 
     Args:
@@ -204,6 +206,10 @@ def prune(model: nn.Module, ratio: float, example_inputs: Any, method: str = "sl
             compute it with :func:`iebn_mean_attention`; by default ``example_inputs``.
         couplings: extra pairs of layers whose output channels must be pruned together.
         group_reduction: how the scores of coupled BNs combine (``mean``/``max``/``sum``).
+        customized_pruners: extra Torch-Pruning pruners ``{layer type: pruner}`` (not replayed by
+            :func:`load_pruned`, which uses the defaults).
+        round_to: keep a multiple of this many channels per group (rounding the kept count up),
+            which GPU/CPU convolution kernels run much faster on; ``None`` keeps the paper's count.
         latency: measure eval latency (median of ``latency_runs``) on the model's device, on
             ``latency_inputs`` (default ``example_inputs``).
 
@@ -211,7 +217,7 @@ def prune(model: nn.Module, ratio: float, example_inputs: Any, method: str = "sl
         ``(pruned_model, PruneReport)``; the pruned model is in the same train/eval mode as given.
     """
     started = time.perf_counter()
-    ratio = _validate(model, ratio, example_inputs, method, min_channels, max_layer_ratio, importance)
+    ratio = _validate(model, ratio, example_inputs, method, min_channels, max_layer_ratio, importance, round_to)
     # resolve every layer reference on the original, by name, before copying
     ignored_names = _names_for(model, resolve_layers(model, ignored_layers, "ignored_layers"))
     coupling_names = []
@@ -252,7 +258,8 @@ def prune(model: nn.Module, ratio: float, example_inputs: Any, method: str = "sl
         scorer = importance or EffectiveScaleImportance(
             attention=attention_by_layer, guidance=guidance_by_layer if method == "cap" else None,
             group_reduction=group_reduction)
-        plan, threshold, total, floored = _plan(graph, ignored, scorer, ratio, min_channels, max_layer_ratio)
+        plan, threshold, total, floored = _plan(graph, ignored, scorer, ratio, min_channels, max_layer_ratio,
+                                                round_to)
         names = module_names(work)
         pruned = 0
         for root, fn, idxs in plan:
@@ -292,7 +299,7 @@ def _rekey(model: nn.Module, by_layer: dict[nn.Module, torch.Tensor]) -> dict[st
 
 
 def _plan(graph: Any, ignored: list[nn.Module], scorer: Callable, ratio: float, min_channels: int,
-          max_layer_ratio: float) -> tuple[list, float | None, int, list[nn.Module]]:
+          max_layer_ratio: float, round_to: int | None = None) -> tuple[list, float | None, int, list[nn.Module]]:
     """Score every group, take the global threshold, apply the per-group floor."""
     records = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_LEAVES):
@@ -329,6 +336,9 @@ def _plan(graph: Any, ignored: list[nn.Module], scorer: Callable, ratio: float, 
         if len(idxs) > limit:
             floored.append(root)
             idxs = idxs[:limit]
+        if round_to and len(idxs):
+            kept = min(n, math.ceil((n - len(idxs)) / round_to) * round_to)
+            idxs = idxs[: n - kept]
         if len(idxs):
             plan.append((root, fn, sorted(int(i) for i in idxs)))
     return plan, threshold, total, floored

@@ -28,7 +28,10 @@ def _skip_predicate(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
 def _replace_children(module: nn.Module, convert: Callable[[str, nn.Module], nn.Module | None],
                       prefix: str = "", memo: dict[int, nn.Module] | None = None) -> None:
     memo = {} if memo is None else memo
-    for child_name, child in list(module.named_children()):
+    # _modules, not named_children(): the latter yields a module shared by two slots only once.
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
         name = f"{prefix}.{child_name}" if prefix else child_name
         if id(child) in memo:
             # A module shared by two parents stays shared after the conversion.

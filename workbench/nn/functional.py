@@ -83,7 +83,9 @@ def _plane_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     # about twice as fast as a broadcasting addcmul on CPU.
     out = torch.ops.aten._native_batch_norm_legit_no_training(
         flat, scale.reshape(-1), shift.reshape(-1), zeros, ones, 0.0, 0.0)[0]
-    return out.view(x.shape)
+    # Not a view in autograd's eyes: outputs of the custom functions must accept in-place ops
+    # (torchvision's ReLU(inplace=True) follows every BN).
+    return torch.ops.aten._unsafe_view(out, x.shape)
 
 
 def _plane_sums(x: Tensor, grad_out: Tensor, scale: Tensor, want_dx: bool,
@@ -97,7 +99,7 @@ def _plane_sums(x: Tensor, grad_out: Tensor, scale: Tensor, want_dx: bool,
         gx, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
             flat_grad, flat, _cast(scale, x.dtype).reshape(-1), zeros, ones, None, None, False, 0.0,
             [want_dx, want_sums, want_sums])
-        gx = gx.view(x.shape) if want_dx else None
+        gx = torch.ops.aten._unsafe_view(gx, x.shape) if want_dx else None
         if want_sums:
             sum_gx = _cast(sum_gx.view(scale.shape), scale.dtype)
             sum_g = _cast(sum_g.view(scale.shape), scale.dtype)

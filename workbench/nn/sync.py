@@ -5,10 +5,26 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.nn.functional import all_reduce
 
 from workbench.nn.functional import PlaneMoments
 from workbench.nn.iebn import IEBN2d
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group; the gradient of every rank's input is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
 
 
 class SyncIEBN2d(IEBN2d):
@@ -58,7 +74,7 @@ class SyncIEBN2d(IEBN2d):
         local = torch.stack([torch.full_like(mean, float(count)), mean * count, var * count])
         rows = torch.cat([local.new_zeros((rank, *local.shape)), local.unsqueeze(0),
                           local.new_zeros((world - rank - 1, *local.shape))])
-        rows = all_reduce(rows, group=group)
+        rows = _AllReduceSum.apply(rows, group)
         counts, sums, var_sums = rows[:, 0], rows[:, 1], rows[:, 2]
         total = counts.sum(0)
         pooled_mean = sums.sum(0) / total

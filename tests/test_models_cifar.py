@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +241,29 @@ def test_stage_indexing():
     with pytest.raises(IndexError):
         stage[3]
     assert dict(_build("resnet20").named_modules())["layer2.1.bn2"] is not None
+
+
+def _param_table_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "param_table.py"
+    spec = importlib.util.spec_from_file_location("param_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path.parents[1] / "README.md"
+
+
+def test_param_table_script_and_readme_block():
+    script, readme = _param_table_script()
+    rows = script.param_counts()
+    for row in rows:
+        if row["paper"] is not None:
+            assert abs(row["ours"] - row["paper"]) <= 0.02 * row["paper"], row
+    table = script.markdown_table(rows)
+    assert "1,751,508" in table and "n/a" in table
+    text = readme.read_text() if readme.exists() else ""
+    block = script.readme_block(text)
+    if block is not None:
+        assert block == table, "README parameter table is stale: run scripts/param_table.py --write README.md"
+    replaced = script.replace_block(f"intro\n{script.START}\nold\n{script.END}\noutro\n", table)
+    assert script.readme_block(replaced) == table and replaced.startswith("intro") and replaced.endswith("outro\n")
+    with pytest.raises(ValueError):
+        script.replace_block("no markers", table)

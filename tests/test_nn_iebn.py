@@ -199,9 +199,11 @@ def test_batch_of_one_and_degenerate_input():
         m(torch.randn(2, 3, 4))
 
 
-def test_float32_large_mean_is_accurate():
-    """The one-pass E[x^2] - E[x]^2 would lose the variance here; the centred fallback keeps it."""
+def test_float32_large_mean_is_accurate(path):
+    """The one-pass E[x^2] - E[x]^2 would lose the variance here; the centred fallback (eager) and
+    the shifted sums (composite) keep it."""
     m, bn = IEBN2d(4, momentum=1.0), nn.BatchNorm2d(4, momentum=1.0)
+    _prepare(m, path)
     with torch.no_grad():
         m.attn_bias.fill_(60.0)
     x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(0)) * 0.01 + 1000.0

@@ -74,10 +74,18 @@ def _maybe_compile(module: nn.Module, mode: str) -> Callable:
     return torch.compile(module, fullgraph=True) if mode == "compile" else module
 
 
+def _fresh_compiler(mode: str) -> None:
+    # Every configuration compiles the same forward code for new module instances: start from a
+    # clean cache rather than run into dynamo's recompile limit.
+    if mode == "compile":
+        torch._dynamo.reset()
+
+
 def bench_norm(device: torch.device, mode: str, channels: int, size: int, batch: int = BATCH,
                repeats: int = 15) -> dict:
     from workbench.nn import IEBN2d
 
+    _fresh_compiler(mode)
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
     grad = torch.randn_like(x)
@@ -101,12 +109,14 @@ def bench_blocks(device: torch.device, mode: str, inplanes: int, planes: int, si
                  blocks: int = 2, repeats: int = 5) -> list[dict]:
     """A stage of ``blocks`` identity bottleneck blocks per variant against the plain BN stage (a
     DIA stage includes its shared cell, whose cost is spread over its blocks)."""
+    _fresh_compiler(mode)
     torch.manual_seed(0)
     x = torch.randn(batch, inplanes, size, size, device=device, requires_grad=True)
     grad = torch.randn_like(x)
     plain = _maybe_compile(_stage(inplanes, planes, "bn", "none", blocks).to(device), mode)
     rows = []
     for norm, attention in BLOCK_VARIANTS[1:]:
+        _fresh_compiler(mode)
         variant = _maybe_compile(_stage(inplanes, planes, norm, attention, blocks).to(device), mode)
         result = compare(_train_step(plain, x, grad), _train_step(variant, x, grad), device, repeats=repeats,
                          inner=1, warmup=1)
@@ -165,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", choices=("stages", "all"), default="all",
                         help="norm-layer shapes: the ResNet stage shapes or all C x HW combinations")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch size N (CIFAR training: 128)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", help="write layers-<device>.json and .md into this folder")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if args.repeats < 1:
-        parser.error(f"--repeats={args.repeats} must be >= 1")
+    if args.repeats < 1 or args.batch < 2:
+        parser.error(f"--repeats={args.repeats} must be >= 1 and --batch={args.batch} >= 2")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads={args.threads} must be >= 1")
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"IEBN2d vs BatchNorm2d and attention stages vs plain, forward+backward, {describe_device(device)}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(header, flush=True)
-    rows = run_layer_bench(device, modes, shapes, BLOCK_STAGES, repeats=repeats,
+    rows = run_layer_bench(device, modes, shapes, BLOCK_STAGES, repeats=repeats, batch=args.batch,
                            log=lambda line: print(line, flush=True))
     table = markdown(rows, header)
     print("\n" + table, flush=True)

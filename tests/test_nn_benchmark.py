@@ -1,0 +1,54 @@
+"""The layer benchmark's harness on tiny shapes (timings themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from workbench.benchmarks import layers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_compare_reports_medians_and_ratio():
+    calls = {"b": 0, "c": 0}
+
+    def baseline():
+        calls["b"] += 1
+
+    def candidate():
+        calls["c"] += 1
+
+    result = layers.compare(baseline, candidate, torch.device("cpu"), repeats=3, inner=2, warmup=1)
+    assert calls == {"b": 7, "c": 7}
+    assert set(result) == {"baseline_ms", "candidate_ms", "ratio", "ratio_min_times"} and result["ratio"] > 0
+
+
+def test_run_layer_bench_rows_and_markdown():
+    rows = layers.run_layer_bench("cpu", ("eager",), shapes=[(4, 4)], block_stages=[(8, 2, 4)], repeats=1, batch=2,
+                                  log=None)
+    norm = [r for r in rows if r["section"] == "norm"]
+    blocks = [r for r in rows if r["section"] == "block"]
+    assert len(norm) == 1 and norm[0]["candidate"] == "IEBN2d" and norm[0]["target"] == 1.45
+    assert [r["candidate"].split()[-1] for r in blocks] == ["iebn/none", "bn/se", "bn/dia"]
+    table = layers.markdown(rows, "header")
+    assert table.count("\n") == len(rows) + 4 and "IEBN2d" in table
+    json.dumps(rows)
+    with pytest.raises(ValueError, match="compile_modes"):
+        layers.run_layer_bench("cpu", ("jit",), shapes=[], block_stages=[], log=None)
+
+
+def test_main_writes_outputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(layers, "STAGE_SHAPES", ((4, 4),))
+    monkeypatch.setattr(layers, "BLOCK_STAGES", ((8, 2, 4),))
+    assert layers.main(["--device", "cpu", "--quick", "--repeats", "1", "--batch", "2", "--output", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "layers-cpu.json").read_text())
+    assert data["rows"] and (tmp_path / "layers-cpu.md").read_text().startswith("IEBN2d vs")

@@ -53,7 +53,8 @@ def check_pruned(original: nn.Module, pruned: nn.Module, report, x: torch.Tensor
     pruned.eval()
     with torch.no_grad():
         out = main_out(pruned(x))
-    assert out.shape == (x.shape[0], classes, *x.shape[-2:])
+    spatial = tuple(x.shape[-2:]) if out.dim() == 4 else ()
+    assert out.shape == (x.shape[0], classes, *spatial)
     assert torch.isfinite(out).all()
 
 
@@ -303,3 +304,71 @@ def test_benchmark_quick_runs(capsys) -> None:
     assert main(["--quick", "--models", "pspnet_resnet18", "--ratios", "0.5", "--runs", "1", "--size", "32", "32"]) == 0
     out = capsys.readouterr().out
     assert "pspnet_resnet18 | 0.50" in out and "efficiency" in out
+
+
+def _resnet_cases() -> list:
+    cases = []
+    for name, width in (("resnet20", 0.5), ("resnet164", 0.25)):
+        for norm in ("bn", "iebn"):
+            for attention in ("none", "se", "dia"):
+                # ResNet-164's 500-odd layers take 10-40 s on two shared cores: all but one are slow
+                slow = name == "resnet164" and (norm, attention) != ("bn", "none")
+                cases.append(pytest.param(name, width, norm, attention, marks=[pytest.mark.slow] if slow else []))
+    return cases
+
+
+@pytest.mark.parametrize("name,width,norm,attention", _resnet_cases())
+def test_prune_cifar_resnets(name: str, width: float, norm: str, attention: str) -> None:
+    from workbench.models import build_model
+
+    torch.manual_seed(0)
+    model = randomise_scales(build_model(name, num_classes=10, norm=norm, attention=attention, width=width))
+    x = torch.randn(2, 3, 32, 32)
+    for ratio in (0.3, 0.7):
+        pruned, report = prune(model, ratio, x[:1], latency=False)
+        check_pruned(model, pruned, report, x, 10)
+        pruned.train()(x).sum().backward()
+        if attention == "dia":
+            for stage in (pruned.layer1, pruned.layer2, pruned.layer3):
+                assert stage.dia.channels == stage[len(stage) - 1].last_branch_layer().weight.shape[0]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet164"])
+def test_resnet_without_norm_is_rejected(name: str) -> None:
+    from workbench.models import build_model
+
+    model = build_model(name, num_classes=10, norm="none", width=0.25)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        prune(model, 0.3, torch.randn(1, 3, 32, 32))
+
+
+def test_dia_pruner_keeps_gates_aligned() -> None:
+    from workbench.nn.dia import DIALSTMCell
+    from workbench.pruning import DIAPruner
+
+    torch.manual_seed(0)
+    cell = DIALSTMCell(8, reduction=2)
+    pruned = DIAPruner().prune_out_channels(copy.deepcopy(cell), [1, 4, 6])
+    keep = [0, 2, 3, 5, 7]
+    assert pruned.channels == 5 and pruned.phi_ih[-1].out_features == 20 and pruned.phi_hh[0].in_features == 5
+    z, h, c = torch.randn(3, 8), torch.rand(3, 8), torch.randn(3, 8)
+    drop = [1, 4, 6]
+    z[:, drop] = 0
+    h[:, drop] = 0  # pruned channels contribute nothing: the kept ones must match exactly
+    h_ref, c_ref = cell(z, (h, c))
+    h_new, c_new = pruned(z[:, keep], (h[:, keep], c[:, keep]))
+    assert torch.allclose(h_new, h_ref[:, keep], atol=1e-6) and torch.allclose(c_new, c_ref[:, keep], atol=1e-6)
+
+
+def test_save_load_dia_resnet(tmp_path) -> None:
+    from workbench.models import build_model
+
+    spec = make_spec("workbench.models:build_model", "resnet20", num_classes=10, norm="iebn", attention="dia",
+                     width=0.5)
+    torch.manual_seed(0)
+    model = randomise_scales(build_model("resnet20", num_classes=10, norm="iebn", attention="dia", width=0.5))
+    x = torch.randn(2, 3, 32, 32)
+    pruned, _ = prune(model, 0.5, x[:1], latency=False)
+    loaded = load_pruned(save_pruned(pruned, tmp_path / "r20.pt", spec=spec))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), pruned.eval()(x))

@@ -74,16 +74,16 @@ def count_flops(model: nn.Module, inputs: Any) -> dict[str, int]:
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with FlopCounterMode(display=False) as base:
-            model(*_as_args(inputs))
-        with FlopCounterMode(display=False, custom_mapping=ELEMENTWISE_OPS) as full:
+        with FlopCounterMode(display=False, custom_mapping=ELEMENTWISE_OPS) as counter:
             model(*_as_args(inputs))
     finally:
         for m, mode in was_training.items():
             m.training = mode
-    conv = int(base.get_total_flops())
-    total = int(full.get_total_flops())
-    return {"total": total, "conv_matmul": conv, "elementwise": total - conv}
+    by_op = counter.get_flop_counts().get("Global", {})
+    total = int(sum(by_op.values()))
+    elementwise = int(sum(v for op, v in by_op.items() if op in ELEMENTWISE_OPS))
+    conv = total - elementwise
+    return {"total": total, "conv_matmul": conv, "elementwise": elementwise}
 
 
 def _sync(device: torch.device) -> None:

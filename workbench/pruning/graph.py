@@ -8,6 +8,10 @@
 - Couplings the autograd graph cannot show (SegNet's pooling indices) come from the model's
   ``pruning_couplings()`` method and/or the ``couplings`` argument: pairs of layers whose output
   channels must be pruned together, added to the graph as two-way dependencies.
+- A DIA-LSTM cell is one node for the tracer: during tracing its forward runs inside an opaque
+  autograd function whose only inputs are ``z``, ``h`` and ``c``, so the tracer does not walk
+  through the cell's Linear layers and gate chunks (which it would take for channel-preserving
+  element-wise ops); :class:`~workbench.pruning.pruners.DIAPruner` then prunes its insides.
 - The layers producing each output (classifier and auxiliary classifiers) are found by walking back
   from the graph's outputs to the nearest conv/linear layer: they keep their class count.
 """
@@ -22,7 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from workbench.pruning.pruners import default_customized_pruners
+from workbench.pruning.pruners import default_customized_pruners, is_dia_cell
 
 Coupling = tuple[nn.Module, nn.Module]
 
@@ -44,6 +48,35 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+class _Opaque(torch.autograd.Function):
+    """Run ``fn`` without recording its insides: one graph node from the tensor inputs to the outputs."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.clone() for t in fn(*tensors))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:  # pragma: no cover - tracing never back-propagates
+        raise RuntimeError("the opaque tracing node is for dependency tracing only")
+
+
+@contextlib.contextmanager
+def opaque_cells(model: nn.Module) -> Iterator[None]:
+    """While tracing, make every DIA-LSTM cell a single node ``(z, h, c) -> (h', c')``."""
+    cells = [m for m in model.modules() if is_dia_cell(m)]
+    for cell in cells:
+        def forward(z: torch.Tensor, state: tuple, _cell: nn.Module = cell) -> tuple:
+            def run(z_: torch.Tensor, h_: torch.Tensor, c_: torch.Tensor) -> tuple:
+                return type(_cell).forward(_cell, z_, (h_, c_))
+            return _Opaque.apply(run, z, *state)
+        cell.forward = forward
+    try:
+        yield
+    finally:
+        for cell in cells:
+            del cell.forward
 
 
 def _trace_forward(model: nn.Module, inputs: Any) -> Any:
@@ -72,7 +105,7 @@ def build_graph(model: nn.Module, example_inputs: Any, customized_pruners: dict 
     """Trace ``model`` into a Torch-Pruning ``DependencyGraph`` with the workbench's custom pruners."""
     pruners = default_customized_pruners(model)
     pruners.update(customized_pruners or {})
-    with preserved_modes(model), torch.enable_grad():
+    with preserved_modes(model), torch.enable_grad(), opaque_cells(model):
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=as_args(example_inputs), forward_fn=_trace_forward,
             output_transform=flatten_outputs, customized_pruners=pruners, verbose=False)

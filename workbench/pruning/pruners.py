@@ -87,12 +87,12 @@ def _first_last(transform: nn.Module) -> tuple[nn.Module, nn.Module]:
 class DIAPruner(tp.pruner.BasePruningFunc):
     """Prune a DIA-LSTM cell's stage channels consistently across its input/hidden transforms.
 
-    The cell is expected to expose ``input_transform`` and ``hidden_transform`` (each ``C -> C/r ->
-    4C`` MLPs), or the names given in ``transforms``. Any other ``(C,)`` or ``(4C,)`` parameter of
-    the cell (e.g. a separate gate bias) is pruned along the same channel map.
+    The cell exposes its two transforms ``phi_ih`` and ``phi_hh`` (``workbench.nn.DIALSTMCell``:
+    ``Linear(C, C/r) -> ReLU -> Linear(C/r, 4C)`` each), or the names given in ``transforms``. Any
+    other ``(C,)`` or ``(4C,)`` parameter of the cell is pruned along the same channel map.
     """
 
-    def __init__(self, transforms: Sequence[str] = ("input_transform", "hidden_transform")) -> None:
+    def __init__(self, transforms: Sequence[str] = ("phi_ih", "phi_hh")) -> None:
         super().__init__()
         self.transforms = tuple(transforms)
 
@@ -160,6 +160,5 @@ def _has_extra_channel_tensors(bn: nn.modules.batchnorm._BatchNorm) -> bool:
 
 
 def is_dia_cell(m: nn.Module) -> bool:
-    """A DIA-LSTM cell: a module with both an ``input_transform`` and a ``hidden_transform``."""
-    return isinstance(getattr(m, "input_transform", None), nn.Module) and isinstance(
-        getattr(m, "hidden_transform", None), nn.Module)
+    """A DIA-LSTM cell: a module with both transforms ``phi_ih`` and ``phi_hh`` (``DIALSTMCell``)."""
+    return isinstance(getattr(m, "phi_ih", None), nn.Module) and isinstance(getattr(m, "phi_hh", None), nn.Module)

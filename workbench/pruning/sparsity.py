@@ -26,7 +26,7 @@ import torch_pruning as tp
 from torch import nn
 
 from workbench.pruning.cagm import AFFINITIES, REDUCTIONS, CAGMSet, default_sites
-from workbench.pruning.graph import _trace_forward, flatten_outputs, preserved_modes
+from workbench.pruning.graph import _trace_forward, flatten_outputs, opaque_cells, preserved_modes
 from workbench.pruning.importance import EffectiveScaleImportance, is_norm
 from workbench.pruning.pruners import default_customized_pruners
 
@@ -123,7 +123,7 @@ class BNScaleSparsity(_ScheduledLambda):
         """Build the Torch-Pruning regulariser for ``model`` (done automatically on the first batch)."""
         if not any(is_norm(m) for m in model.modules()):
             raise ValueError(f"{type(model).__name__} has no affine BatchNorm layer to sparsify")
-        with preserved_modes(model), torch.enable_grad():
+        with preserved_modes(model), torch.enable_grad(), opaque_cells(model):
             self.pruner = tp.pruner.BNScalePruner(
                 model, example_inputs, importance=EffectiveScaleImportance(), reg=self.lam,
                 group_lasso=self.group_lasso, global_pruning=True, ignored_layers=self._excluded(model),

@@ -354,3 +354,35 @@ def test_torch_func_grad_uses_transformable_path():
     expected = torch.autograd.grad(_batch_reference(m, x).square().sum(), list(params.values()))
     for g, e in zip(grads.values(), expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("observed", [False, True])
+def test_cuda_matches_formula(observed):
+    device = torch.device("cuda")
+    m = _randomised(dtype=torch.float32).to(device)
+    if observed:
+        _observe(m)
+    x = (torch.randn(8, 5, 6, 6, device=device) * 2 + 0.5).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    params = [m.weight, m.bias, m.attn_weight, m.attn_bias]
+    got = torch.autograd.grad(m(x).square().sum(), [x, *params])
+    expected = torch.autograd.grad(_batch_reference(m, xr).square().sum(), [xr, *params])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    m.eval()
+    ref = iebn_reference(x, m.running_mean, m.running_var, m.weight, m.bias, m.attn_weight, m.attn_bias, m.eps)
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_model_trains():
+    from workbench.models import build_model
+
+    model = build_model("resnet20", norm="iebn", attention="dia", width=0.5).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    eager_out = model(x)
+    torch.testing.assert_close(compiled(x), eager_out, rtol=1e-3, atol=1e-3)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from workbench.models import build_model
-from workbench.nn import IEBN2d, SyncIEBN2d, convert_bn_to_iebn, convert_sync_batchnorm
+from workbench.nn import IEBN2d, SyncBatchNorm2d, SyncIEBN2d, convert_bn_to_iebn, convert_sync_batchnorm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,7 +85,8 @@ def test_sync_conversion_keeps_attention_parameters():
     assert isinstance(sync, SyncIEBN2d) and isinstance(sync, IEBN2d)
     assert sync.attn_weight is iebn.attn_weight and sync.weight is iebn.weight
     assert sync.running_mean is iebn.running_mean
-    assert type(converted.layer2[0].downsample.bn) is nn.SyncBatchNorm
+    # On the CPU plain BN becomes our SyncBatchNorm2d (torch's SyncBatchNorm needs a GPU to run).
+    assert type(converted.layer2[0].downsample.bn) is SyncBatchNorm2d
     assert convert_sync_batchnorm(converted) is converted
     # torch's own conversion would have dropped them: the reason this function exists.
     torch_converted = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet20", width=0.25, norm="iebn"))
@@ -93,7 +94,8 @@ def test_sync_conversion_keeps_attention_parameters():
 
 
 def test_sync_iebn_forward_on_a_single_process_group():
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), IEBN2d(6), nn.ReLU(), nn.Conv2d(6, 6, 1), IEBN2d(6))
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), IEBN2d(6), nn.ReLU(), nn.Conv2d(6, 6, 1), IEBN2d(6),
+                          nn.BatchNorm2d(6))
     torch.manual_seed(0)
     for m in model.modules():
         if isinstance(m, IEBN2d):
@@ -101,7 +103,7 @@ def test_sync_iebn_forward_on_a_single_process_group():
                 m.attn_weight.normal_()
     reference = copy.deepcopy(model)
     synced = convert_sync_batchnorm(copy.deepcopy(model))
-    assert isinstance(synced[1], SyncIEBN2d)
+    assert isinstance(synced[1], SyncIEBN2d) and isinstance(synced[5], SyncBatchNorm2d)
     x = torch.randn(4, 3, 8, 8)
     store_dir = tempfile.mkdtemp()
     store = dist.FileStore(os.path.join(store_dir, "store"), 1)
@@ -115,6 +117,7 @@ def test_sync_iebn_forward_on_a_single_process_group():
         torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(synced[1].attn_weight.grad, reference[1].attn_weight.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(synced[1].running_var, reference[1].running_var)
+        torch.testing.assert_close(synced[5].running_var, reference[5].running_var)
         synced.eval()
         reference.eval()
         torch.testing.assert_close(synced(x), reference(x), rtol=1e-5, atol=1e-5)

@@ -47,10 +47,13 @@ def _observe(m: IEBN2d):
     return m.attention_probe.register_forward_hook(lambda mod, args, out: None)
 
 
-@pytest.fixture(params=["fused", "general", "composite"])
+@pytest.fixture(params=["fused", "general", "composite", "generic-kernels"])
 def path(request, monkeypatch):
     if request.param == "composite":
         monkeypatch.setattr(wf, "use_composite", lambda: True)
+    if request.param == "generic-kernels":
+        # The broadcasting ops used off the CPU (and for non-contiguous inputs).
+        monkeypatch.setattr(wf, "_flat_view", lambda x: None)
     return request.param
 
 

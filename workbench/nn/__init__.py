@@ -6,7 +6,7 @@ from workbench.nn.functional import iebn_reference
 from workbench.nn.iebn import IEBN2d
 from workbench.nn.probe import ATTENTION_KINDS, AttentionProbe, attention_probes
 from workbench.nn.se import SEModule
-from workbench.nn.sync import SyncIEBN2d
+from workbench.nn.sync import SyncBatchNorm2d, SyncIEBN2d
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -14,6 +14,7 @@ __all__ = [
     "DIALSTMCell",
     "IEBN2d",
     "SEModule",
+    "SyncBatchNorm2d",
     "SyncIEBN2d",
     "attention_probes",
     "convert_bn_to_iebn",

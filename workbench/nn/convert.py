@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from workbench.nn.iebn import IEBN2d
-from workbench.nn.sync import SyncIEBN2d
+from workbench.nn.sync import SyncBatchNorm2d, SyncIEBN2d
 
 SkipSpec = Iterable[str] | Callable[[str, nn.Module], bool] | None
 
@@ -72,10 +72,17 @@ def convert_bn_to_iebn(module: nn.Module, skip: SkipSpec = None) -> nn.Module:
     return module
 
 
+def _on_cuda(module: nn.Module) -> bool:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor is not None and tensor.is_cuda
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Like ``nn.SyncBatchNorm.convert_sync_batchnorm``, but IEBN-aware: every :class:`IEBN2d`
     becomes a :class:`SyncIEBN2d` (attention parameters kept), every other ``_BatchNorm`` an
-    ``nn.SyncBatchNorm``. Converts in place where it can and returns the module.
+    ``nn.SyncBatchNorm`` -- except a ``BatchNorm2d`` on the CPU, which becomes a
+    :class:`SyncBatchNorm2d` (torch's layer refuses CPU modules; move the model to its device
+    before converting). Converts in place where it can and returns the module.
 
     Use this rather than torch's function on IEBN models: torch's rebuilds every ``_BatchNorm`` as
     a plain ``SyncBatchNorm`` and silently drops ``attn_weight``/``attn_bias``.
@@ -84,10 +91,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
         raise ValueError(f"module={type(module).__name__} is not valid; allowed: an nn.Module")
 
     def convert(name: str, child: nn.Module) -> nn.Module | None:
-        if isinstance(child, SyncIEBN2d | nn.SyncBatchNorm):
+        if isinstance(child, SyncIEBN2d | nn.SyncBatchNorm | SyncBatchNorm2d):
             return None
         if isinstance(child, IEBN2d):
             return SyncIEBN2d.from_iebn(child, process_group)
+        if isinstance(child, nn.BatchNorm2d) and not _on_cuda(child):
+            # torch's SyncBatchNorm refuses CPU modules; ours pools the same way over gloo
+            return SyncBatchNorm2d.from_batchnorm(child, process_group)
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             return nn.SyncBatchNorm.convert_sync_batchnorm(child, process_group)
         return None

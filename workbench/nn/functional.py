@@ -66,8 +66,10 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _flat_view(x: Tensor) -> Tensor | None:
     """``x`` (N, C, H, W) seen as (1, N*C, H, W): every (sample, channel) plane becomes one BN
-    "channel", so ATen's native batch-norm kernels act per plane. ``None`` when not contiguous."""
-    if not x.is_contiguous():
+    "channel", so ATen's native batch-norm kernels act per plane. ``None`` when not contiguous or
+    not on the CPU: CUDA's eval-mode BN backward insists on training-mode saved statistics, and
+    on GPUs the plain broadcasting ops are fast anyway."""
+    if x.device.type != "cpu" or not x.is_contiguous():
         return None
     return x.view(1, x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from workbench.nn.functional import PlaneMoments
+from workbench.nn.functional import PlaneMoments, running_average_factor, update_running_stats
 from workbench.nn.iebn import IEBN2d
 
 
@@ -25,6 +25,77 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad, None
+
+
+def pool_moments_over_group(mean: Tensor, var: Tensor, count: int | Tensor,
+                            process_group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact mean and biased variance ``(C,)`` of the union of every rank's values, differentiably.
+
+    Each rank contributes its local count, mean and biased variance (parallel-variance formula, no
+    E[x^2] - E[x]^2 cancellation); gradients flow back to every rank through the all-reduce.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    # Each rank writes (count, count * mean, count * var) into its own row; a differentiable
+    # all-reduce sums the rows, so every rank sees all and gradients return to their source.
+    local = torch.stack([torch.full_like(mean, float(count)), mean * count, var * count])
+    rows = torch.cat([local.new_zeros((rank, *local.shape)), local.unsqueeze(0),
+                      local.new_zeros((world - rank - 1, *local.shape))])
+    rows = _AllReduceSum.apply(rows, group)
+    counts, sums, var_sums = rows[:, 0], rows[:, 1], rows[:, 2]
+    total = counts.sum(0)
+    pooled_mean = sums.sum(0) / total
+    rank_means = sums / counts
+    pooled_var = (var_sums + counts * (rank_means - pooled_mean).square()).sum(0) / total
+    return pooled_mean, pooled_var, total
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` with statistics pooled over a process group, on CPU (gloo) as well as GPU.
+
+    ``nn.SyncBatchNorm`` refuses CPU modules, so DDP on CPU (and the tests of DDP) would have no
+    synchronised BN; this layer uses the same exact pooling as :class:`SyncIEBN2d`. Outside
+    training, or without an initialised process group, it is exactly ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, process_group: dist.ProcessGroup | None = None) -> SyncBatchNorm2d:
+        """A SyncBatchNorm2d sharing ``bn``'s parameters and buffers."""
+        ref = bn.weight if bn.weight is not None else bn.running_mean
+        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group, **factory)
+        if bn.affine:
+            new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+        new.train(bn.training)
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(input)
+        self._check_input_dim(input)
+        acc = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
+        x = input.to(acc)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = x.mean((0, 2, 3))
+        var = (x - mean.view(1, -1, 1, 1)).square().mean((0, 2, 3))
+        mean, var, total = pool_moments_over_group(mean, var, count, self.process_group)
+        if self.track_running_stats and self.running_mean is not None:
+            update_running_stats(self, mean, var, total, running_average_factor(self))
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return (x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(input.dtype)
 
 
 class SyncIEBN2d(IEBN2d):
@@ -67,17 +138,4 @@ class SyncIEBN2d(IEBN2d):
         mean, var = moments.batch_mean, moments.batch_var
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return mean, var, count
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        # Each rank writes (count, count * mean, count * var) into its own row; a differentiable
-        # all-reduce sums the rows, so every rank sees all and gradients return to their source.
-        local = torch.stack([torch.full_like(mean, float(count)), mean * count, var * count])
-        rows = torch.cat([local.new_zeros((rank, *local.shape)), local.unsqueeze(0),
-                          local.new_zeros((world - rank - 1, *local.shape))])
-        rows = _AllReduceSum.apply(rows, group)
-        counts, sums, var_sums = rows[:, 0], rows[:, 1], rows[:, 2]
-        total = counts.sum(0)
-        pooled_mean = sums.sum(0) / total
-        rank_means = sums / counts
-        pooled_var = (var_sums + counts * (rank_means - pooled_mean).square()).sum(0) / total
-        return pooled_mean, pooled_var, total
+        return pool_moments_over_group(mean, var, count, self.process_group)

@@ -287,3 +287,19 @@ def test_dia_recorder_errors_and_exception_cleanup():
     assert list(rec.states()) == ["layer2"]
     states = rec.attribute(torch.randn(2, 3, 16, 16))
     assert states["layer2"][0]["h"].shape[0] == 2 and rec.states() == {}
+
+
+@pytest.mark.gpu
+def test_recordings_stay_on_the_gpu_until_reduced():
+    from workbench.probes.dia import DIARecorder, gate_summary
+
+    model = _build("resnet20", "iebn", "dia").cuda().eval()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    with AttentionRecorder(model) as rec, DIARecorder(model) as dia:
+        model(x)
+    assert all(a.is_cuda for a in rec.attention.values())
+    assert all(t.is_cuda for blocks in dia.states().values() for b in blocks for t in b.values())
+    loader = [(x, torch.tensor([0, 1, 2, 3], device="cuda"))]
+    stats = collect_attention(model, loader, num_classes=10)
+    assert all(not v.is_cuda for v in stats.mean.values()) and all(not v.is_cuda for v in stats.class_mean.values())
+    assert isinstance(gate_summary(dia.states())["gates"]["layer1"]["i"][0], float)

@@ -32,6 +32,7 @@ def test_distribution_figure(style):
     fig = va.attention_distribution_figure(values, kinds={"a": "iebn", "b": "se"}, style=style, max_points=2)
     assert len(fig.data) == 2
     assert len(fig.data[0].y) == 2 and len(fig.data[1].y) == 2  # strided down to max_points
+    assert list(fig.data[0].x) == ["a", "a"] and fig.data[0].name == "iebn" and fig.data[0].showlegend
     with pytest.raises(ValueError, match="style"):
         va.attention_distribution_figure(values, style="bar")
 
@@ -50,7 +51,7 @@ def test_class_attention_figure_centres_and_handles_empty_classes():
 
 def test_sample_and_channel_figures():
     fig = va.sample_attention_figure([0.1, 0.5], [0.2, 0.4], [0.1, 0.3], [0.3, 0.5], layer="l")
-    assert _trace_types(fig) == ["Scatter", "Bar", "Scatter"]
+    assert _trace_types(fig) == ["Scatter", "Scatter", "Scatter"] and fig.data[1].mode == "markers"
     with pytest.raises(ValueError):
         va.sample_attention_figure([0.1], [0.2, 0.4])
     fig = va.channel_attention_figure({"0": [0.1, 0.2], "1": [0.3]}, layer="l", channel=3)
@@ -92,13 +93,21 @@ def test_gate_state_ablation_figures():
     assert len(fig.data) == 4
     fig = vd.ablation_figure({"dia": {"test_acc": 0.9, "params": 1000, "mean_corr": 0.5},
                               "se": {"test_acc": 0.8, "params": 900, "mean_corr": math.nan}})
-    assert list(fig.data[2].y) == [0.5, None]
+    assert len(fig.data) == 3 and list(fig.data[2].y) == [0.5, None]
+    fig = vd.ablation_figure({"dia": {"test_acc": 0.9, "mean_corr_sample": 0.4}})
+    assert len(fig.data) == 2 and list(fig.data[1].y) == [0.4]
+    with pytest.raises(ValueError, match="none of"):
+        vd.ablation_figure({"dia": {"accuracy": 0.9}})
 
 
 def test_stabilisation_figures():
     curves = {"no skip": {"none": [2.0, 1.0], "dia": [2.0, 0.5]}, "no BN": {"none": [2.3, 2.3]}}
     fig = vd.stabilisation_curves_figure(curves)
-    assert len(fig.data) == 3 and fig.layout.yaxis.type == "log"
+    assert len(fig.data) == 3 and fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    fig = vd.stabilisation_curves_figure(curves, x={"no skip": {"none": [0, 10]}}, x_title="step")
+    assert list(fig.data[0].x) == [0, 10] and list(fig.data[1].x) == [1, 2]
+    with pytest.raises(ValueError, match="losses"):
+        vd.stabilisation_curves_figure(curves, x={"no skip": {"none": [0]}})
     fig = vd.grad_norm_figure({"dia": {"layer1": [1.0, 0.5], "layer2": [0.1, 0.2]}, "se": {"layer1": [3.0, 2.0]}},
                               steps=[0, 10])
     assert len(fig.data) == 3 and list(fig.data[0].x) == [0, 10]

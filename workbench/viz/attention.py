@@ -76,17 +76,23 @@ def attention_distribution_figure(values: Mapping[str, Sequence], kinds: Mapping
         raise ValueError(f"style={style!r} is not valid; allowed: 'violin', 'box'")
     _nonempty(values, "values")
     fig = go.Figure()
+    seen: set[str] = set()
     for i, (layer, v) in enumerate(values.items()):
         flat = _flatten(v)
         stride = max(1, math.ceil(len(flat) / max_points))
         flat = flat[::stride]
-        color = _kind_color((kinds or {}).get(layer), i)
+        kind = (kinds or {}).get(layer)
+        color = _kind_color(kind, i)
+        # x carries the layer, the trace name the kind: one legend entry per kind
+        common = dict(x=[layer] * len(flat), y=flat, name=kind or layer, legendgroup=kind or layer,
+                      showlegend=kind is not None and kind not in seen)
+        seen.add(kind)
         if style == "violin":
-            fig.add_trace(go.Violin(y=flat, name=layer, line_color=color, box_visible=True, meanline_visible=True,
-                                    points=False, spanmode="hard", showlegend=False))
+            fig.add_trace(go.Violin(**common, line_color=color, box_visible=True, meanline_visible=True,
+                                    points=False, spanmode="hard", scalemode="width"))
         else:
-            fig.add_trace(go.Box(y=flat, name=layer, marker_color=color, boxpoints=False, showlegend=False))
-    fig.update_yaxes(title_text="attention", range=[0, 1])
+            fig.add_trace(go.Box(**common, marker_color=color, boxpoints=False))
+    fig.update_yaxes(title_text="attention")  # autorange: IEBN gates often span a few hundredths only
     fig.update_xaxes(title_text="layer", type="category")
     return base_layout(fig, title)
 
@@ -131,7 +137,7 @@ def class_attention_figure(class_mean: Sequence[Sequence[float]], class_names: S
 def sample_attention_figure(sample: Sequence[float], mean: Sequence[float], low: Sequence[float] | None = None,
                             high: Sequence[float] | None = None, layer: str = "", label: str = "sample",
                             title: str | None = None) -> go.Figure:
-    """One sample's attention per channel (bars) against the layer's mean (line) and a quantile band."""
+    """One sample's attention per channel (markers) against the layer's mean (line) and a quantile band."""
     sample, mean = _floats(sample), _floats(mean)
     if not sample or len(sample) != len(mean):
         raise ValueError(f"sample ({len(sample)}) and mean ({len(mean)}) must be non-empty and equally long")
@@ -141,10 +147,11 @@ def sample_attention_figure(sample: Sequence[float], mean: Sequence[float], low:
         low, high = _floats(low), _floats(high)
         fig.add_trace(go.Scatter(x=x + x[::-1], y=high + low[::-1], fill="toself", fillcolor="rgba(31,119,180,0.15)",
                                  line=dict(width=0), name="quantile band", hoverinfo="skip"))
-    fig.add_trace(go.Bar(x=x, y=sample, name=label, marker_color=PALETTE[4], opacity=0.8))
+    # markers, not bars: bars would pin the axis at 0 and flatten differences of a few hundredths
+    fig.add_trace(go.Scatter(x=x, y=sample, mode="markers", name=label, marker=dict(color=PALETTE[4], size=9)))
     fig.add_trace(go.Scatter(x=x, y=mean, mode="lines", name="mean over samples", line=dict(color=PALETTE[0])))
     fig.update_xaxes(title_text="channel")
-    fig.update_yaxes(title_text="attention", range=[0, 1])
+    fig.update_yaxes(title_text="attention")
     return base_layout(fig, title or f"Attention of one sample, {layer}".rstrip(", "))
 
 
@@ -187,10 +194,11 @@ def attention_noise_shift_figure(levels: Sequence[float], shift: Mapping[str, Se
     layers = list(shift)
     z = [_floats(shift[layer]) for layer in layers]
     mean = [sum(col) / len(col) for col in zip(*z)]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4],
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.2,
                         subplot_titles=("per layer", "mean over layers"))
+    colorbar_x = fig.layout.xaxis.domain[1] + 0.01  # right of the heatmap, clear of the line plot's axis
     fig.add_trace(go.Heatmap(z=z, x=[f"{lv:g}" for lv in levels], y=layers, colorscale="Magma",
-                             colorbar=dict(title="|Δa|", x=0.55),
+                             colorbar=dict(title="|Δa|", x=colorbar_x, thickness=14),
                              hovertemplate="layer %{y}<br>level %{x}<br>|Δa| %{z:.4f}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(x=levels, y=mean, mode="lines+markers", name="mean |Δa|",
                              line=dict(color=PALETTE[1])), row=1, col=2)

@@ -124,42 +124,56 @@ def state_norms_figure(norms: Mapping[str, Mapping[str, Sequence[float]]],
     return base_layout(fig, title)
 
 
+ABLATION_PANELS = (("test_acc", "test accuracy"), ("params", "parameters"),
+                   ("mean_corr", "mean cross-block ρ (profile)"), ("mean_corr_sample", "mean cross-block ρ (sample)"))
+
+
 def ablation_figure(variants: Mapping[str, Mapping[str, float]],
                     title: str = "Shared DIA-LSTM vs independent per-block attention") -> go.Figure:
-    """``variants``: name -> {"test_acc", "params", "mean_corr"}; three bar panels side by side."""
+    """``variants``: name -> {"test_acc", "params", "mean_corr", "mean_corr_sample"} (any subset
+    present in at least one variant); one bar panel per quantity."""
     _nonempty(variants, "variants")
-    panels = (("test_acc", "test accuracy"), ("params", "parameters"), ("mean_corr", "mean cross-block ρ"))
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[p[1] for p in panels])
+    panels = [(k, label) for k, label in ABLATION_PANELS if any(k in v for v in variants.values())]
+    if not panels:
+        raise ValueError(f"variants hold none of {[k for k, _ in ABLATION_PANELS]}")
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[1] for p in panels])
     names = list(variants)
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
     for col, (key, _label) in enumerate(panels, start=1):
         ys = [_num(variants[n].get(key)) for n in names]
-        fig.add_trace(go.Bar(x=names, y=ys, marker_color=colors, showlegend=False,
+        fig.add_trace(go.Bar(x=names, y=ys, marker_color=colors, showlegend=False, cliponaxis=False,
                              text=[("" if y is None else (f"{y:,.0f}" if key == "params" else f"{y:.3f}")) for y in ys],
                              textposition="outside"), row=1, col=col)
-    fig.update_yaxes(range=[0, 1.05], row=1, col=1)
-    fig.update_yaxes(range=[-1, 1], row=1, col=3)
+        # headroom above 1 for the value labels outside the bars
+        if key == "test_acc":
+            fig.update_yaxes(range=[0, 1.15], row=1, col=col)
+        elif key.startswith("mean_corr"):
+            fig.update_yaxes(range=[-1, 1.25], row=1, col=col)
     return base_layout(fig, title)
 
 
 def stabilisation_curves_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], x_title: str = "epoch",
-                                log_y: bool = True,
+                                log_y: bool = True, x: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
                                 title: str = "Training loss without skip connections / without BN") -> go.Figure:
     """``curves``: condition (e.g. "no skip", "no BN") -> attention ("none", "se", "dia") -> loss per
-    epoch (or per logged step). One subplot per condition, one colour per attention."""
+    epoch (or per logged step, with the steps in ``x`` laid out the same way; default 1, 2, ...).
+    One subplot per condition (own y range), one colour per attention."""
     _nonempty(curves, "curves")
     conditions = list(curves)
-    fig = make_subplots(rows=1, cols=len(conditions), subplot_titles=conditions, shared_yaxes=True)
+    fig = make_subplots(rows=1, cols=len(conditions), subplot_titles=conditions)
     attentions = list(dict.fromkeys(a for c in curves.values() for a in c))
     for col, cond in enumerate(conditions, start=1):
         for attention, values in curves[cond].items():
             i = attentions.index(attention)
             ys = [_num(v) for v in values]
-            fig.add_trace(go.Scatter(x=list(range(1, len(ys) + 1)), y=ys, mode="lines", name=attention,
-                                     legendgroup=attention, showlegend=col == 1,
-                                     line=dict(color=PALETTE[i % len(PALETTE)])), row=1, col=col)
+            xs = list((x or {}).get(cond, {}).get(attention, [])) or list(range(1, len(ys) + 1))
+            if len(xs) != len(ys):
+                raise ValueError(f"x[{cond!r}][{attention!r}] has {len(xs)} values for {len(ys)} losses")
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=attention, legendgroup=attention,
+                                     showlegend=col == 1, line=dict(color=PALETTE[i % len(PALETTE)])), row=1, col=col)
         fig.update_xaxes(title_text=x_title, row=1, col=col)
-    fig.update_yaxes(title_text="training loss", type="log" if log_y else "linear", row=1, col=1)
+    fig.update_yaxes(type="log" if log_y else "linear")
+    fig.update_yaxes(title_text="training loss", row=1, col=1)
     return base_layout(fig, title)
 
 
@@ -197,5 +211,6 @@ def final_accuracy_figure(acc: Mapping[str, Mapping[str, float]],
         fig.add_trace(go.Bar(x=list(acc), y=ys, name=attention, marker_color=PALETTE[i % len(PALETTE)],
                              text=[("" if y is None else f"{y:.3f}") for y in ys], textposition="outside"))
     fig.update_layout(barmode="group")
-    fig.update_yaxes(title_text="top-1", range=[0, 1.05])
+    fig.update_traces(cliponaxis=False)
+    fig.update_yaxes(title_text="top-1", range=[0, 1.15])
     return base_layout(fig, title)

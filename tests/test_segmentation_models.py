@@ -102,3 +102,14 @@ def test_bad_options(kwargs: dict) -> None:
             SEGMENTATION_MODELS[name](11, **kwargs)
     with pytest.raises(ValueError):
         SEGMENTATION_MODELS["segnet"](0)
+
+
+def test_registered_in_build_model() -> None:
+    from workbench.models import build_model, list_models
+
+    assert set(NAMES) <= set(list_models())
+    model = build_model("pspnet_resnet18", num_classes=5, width=0.125, norm="iebn")
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+    with pytest.raises(ValueError):
+        build_model("segnet", num_classes=5, attention="se")

@@ -1,10 +1,10 @@
-import os
 
 import pytest
 import torch
 
-# two CPU cores on CI: keep intra-op threads bounded so parallel pieces do not thrash
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one intra-op thread: tests run beside notebook kernels and torchrun workers on two cores, where a
+# second thread per process oversubscribes the CPU and makes small models many times slower
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,7 +34,7 @@ from workbench.data.digits import digit_split
 
 
 def test_registry_names():
-    assert list_datasets() == ["digits", "digit-scenes", "cifar10", "cifar100", "cityscapes"]
+    assert list_datasets() == ["digits", "digit-scenes", "synthetic", "cifar10", "cifar100", "cityscapes"]
     for name, info in DATASET_INFO.items():
         assert info.name == name
         assert info.task in ("classification", "segmentation")
@@ -422,3 +422,14 @@ def test_cityscapes_bad_options(cityscapes_root):
         get_dataset("cityscapes", "train", root=root, scale=(2.0, 1.0))
     with pytest.raises(ValueError, match="split='trainval'.*'train', 'val', 'test'"):
         get_dataset("cityscapes", "trainval", root=root)
+
+
+def test_synthetic_is_deterministic_and_learnable_shaped():
+    a, b = get_dataset("synthetic", "train", length=64), get_dataset("synthetic", "train", length=64)
+    assert torch.equal(a.data, b.data) and torch.equal(a.targets, b.targets)
+    test = get_dataset("synthetic", "test", length=64)
+    assert not torch.equal(a.data, test.data)
+    x, y = a[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
+    with pytest.raises(ValueError, match="length"):
+        get_dataset("synthetic", "train", length=0)

@@ -346,7 +346,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
                   "train_acc": correct / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                   "time": time.perf_counter() - started}
         if val_loader is not None:
-            metrics = evaluate(model, val_loader, device, task=task, num_classes=num_classes,
+            # the bare module: evaluation is local and must not enter DDP's collective forward
+            metrics = evaluate(unwrap(model), val_loader, device, task=task, num_classes=num_classes,
                                ignore_index=ignore_index, loss_fn=loss_fn, amp=amp)
             record.update({f"val_{k}": v for k, v in metrics.items() if k != "per_class_iou"})
         state.history.append(record)

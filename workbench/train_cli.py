@@ -167,11 +167,11 @@ def build_training(cfg: TrainConfig, info: DistInfo, device: torch.device):
     test_set = get_dataset(cfg.dataset, test_split, root=cfg.data_root)
     model = build_model(cfg.model, num_classes=train_set.num_classes, norm=cfg.norm, attention=cfg.attention,
                         width=cfg.width)
+    model.to(device)  # before the sync conversion, which picks the synced layer by device
     if info.enabled and cfg.sync_bn:
         from workbench.nn import convert_sync_batchnorm
 
         model = convert_sync_batchnorm(model)
-    model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if info.enabled:

@@ -26,6 +26,7 @@ from .digits import DIGITS_CLASSES, DIGITS_SPLITS, DigitsDataset, digit_split
 from .loader import make_loader
 from .paths import DATA_ENV_VAR, default_data_root, resolve_root
 from .scenes import SCENE_CLASSES, SCENE_SPLITS, DigitScenesDataset, render_scene
+from .synthetic import SYNTHETIC_SPLITS, SyntheticDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, segmentation_transform
 
 
@@ -62,6 +63,10 @@ def _build_cifar100(split: str, root: Any, **options: Any) -> Dataset:
     return CIFARDataset("cifar100", split, root, **options)
 
 
+def _build_synthetic(split: str, root: Any, **options: Any) -> Dataset:
+    return SyntheticDataset(split, **options)
+
+
 def _build_cityscapes(split: str, root: Any, **options: Any) -> Dataset:
     return CityscapesDataset(split, root, **options)
 
@@ -96,6 +101,12 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         description="textured scenes with 2..4 non-overlapping digits; mask 0 = background, "
                     "1..10 = digit + 1",
         builder=_build_scenes),
+    "synthetic": DatasetInfo(
+        name="synthetic", task="classification", num_classes=10, in_channels=3, splits=SYNTHETIC_SPLITS,
+        options={"length": "2048 train / 512 test", "size": "32", "num_classes": "10", "seed": "0"},
+        needs_download=False, ignore_index=None,
+        description="Gaussian 3x32x32 images, class-dependent channel means; for timing and numerical checks",
+        builder=_build_synthetic),
     "cifar10": DatasetInfo(
         name="cifar10", task="classification", num_classes=10, in_channels=3, splits=CIFAR_SPLITS,
         options=_CIFAR_OPTIONS, needs_download=True, ignore_index=None,
@@ -160,6 +171,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SCENE_CLASSES",
+    "SyntheticDataset",
     "default_data_root",
     "digit_split",
     "cifar_transform",

@@ -26,7 +26,7 @@ PARAMETERS = {
     "width": Param(float, min=0.0625, max=8.0),
 }
 
-PRESET_EPOCHS = {"quick": 15, "full": 60}
+PRESET_EPOCHS = {"quick": 10, "full": 60}
 
 
 def resolve(params: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ attention = "none"
 width = 1.0
 epochs = None
 batch_size = 64
-lr = 0.1
+lr = None
 """),
     ("code", """
 from workbench import report, viz

@@ -33,11 +33,11 @@ class LabServer:
 
 
 @contextlib.contextmanager
-def running_lab(timeout: float = 90.0, log_path: str | None = None) -> Iterator[LabServer]:
+def running_lab(timeout: float = 90.0, log_path: str | None = None, root: str | None = None) -> Iterator[LabServer]:
     from workbench.cli import _free_port, lab_command
 
     port, token = _free_port(), secrets.token_hex(16)
-    cmd, url = lab_command(port=port, token=token)
+    cmd, url = lab_command(port=port, token=token, root=root)
     log = open(log_path or os.devnull, "wb")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = LabServer(port, token, url, process)

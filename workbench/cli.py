@@ -16,6 +16,7 @@ BENCHMARKS = {
     "layers": "workbench.benchmarks.layers",
     "probes": "workbench.benchmarks.probes",
     "pruning": "workbench.benchmarks.pruning",
+    "training": "workbench.benchmarks.training",
 }
 
 
@@ -69,16 +70,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def lab_command(port: int | None = None, token: str | None = None,
-                open_browser: bool = False) -> tuple[list, str]:
-    """The ``jupyter lab`` command line bound to 127.0.0.1 with a token, rooted at the project."""
+def lab_command(port: int | None = None, token: str | None = None, open_browser: bool = False,
+                root: str | None = None) -> tuple[list, str]:
+    """The ``jupyter lab`` command line bound to 127.0.0.1 with a token, rooted at the project
+    (or ``root``), with the workbench kernel as the default."""
     from workbench.runner import ensure_kernel, project_root
 
     ensure_kernel()
     token = token or secrets.token_hex(24)
     port = port or _free_port()
     cmd = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={project_root()}",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root or project_root()}",
            "--ServerApp.port_retries=0", "--MappingKernelManager.default_kernel_name=workbench"]
     if not open_browser:
         cmd.append("--no-browser")
@@ -88,7 +90,7 @@ def lab_command(port: int | None = None, token: str | None = None,
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    cmd, url = lab_command(args.port, args.token, args.browser)
+    cmd, url = lab_command(args.port, args.token, args.browser, args.root)
     print(f"[workbench] JupyterLab at {url}", flush=True)
     try:
         return subprocess.call(cmd)
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--token")
     p.add_argument("--browser", action="store_true", help="open a browser")
+    p.add_argument("--root", help="folder JupyterLab serves (default: the project)")
     p.set_defaults(func=_cmd_lab)
 
     p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")

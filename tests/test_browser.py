@@ -1,0 +1,97 @@
+"""Real browser against `workbench lab`: open 01_batch_noise, run all cells, drag the noise-level slider,
+and check that the figure's data changed. Runs when Debian's Chromium is installed (`.ci/run` installs it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from lab_server import running_lab
+
+from workbench.runner import notebooks_dir
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+# A small grid so the notebook's cells finish in about a minute on two cores; the cells and the
+# widget wiring are the notebook's own, only the literals of its parameters cell change.
+SMALL = {"norms": ["bn", "iebn"], "levels": [0.0, 1.0], "batch_sizes": [32, 64], "batch_size": 64,
+         "seeds": [0], "mix_seeds": [0], "epochs": 1}
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                 "(apt-get install chromium); .ci/run installs it")]
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+READ_FIGURE = """() => {
+  const panels = [...document.querySelectorAll('.widget-vbox')].filter(
+      el => el.querySelector('.widget-slider') && el.querySelector('.js-plotly-plot'));
+  if (!panels.length) return null;
+  const plot = panels[0].querySelector('.js-plotly-plot');
+  return JSON.stringify((plot.data || []).map(t => [t.name, t.x, t.y]));
+}"""
+
+
+def _small_copy(tmp_path: Path) -> Path:
+    from papermill.iorw import load_notebook_node, write_ipynb
+    from papermill.parameterize import parameterize_notebook
+
+    target = tmp_path / "01_batch_noise.ipynb"
+    node = load_notebook_node(str(notebooks_dir() / "01_batch_noise.ipynb"))
+    write_ipynb(parameterize_notebook(node, SMALL, kernel_name="workbench"), str(target))
+    return target
+
+
+def test_noise_slider_updates_the_figure_in_jupyterlab(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _small_copy(tmp_path)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with running_lab(root=str(tmp_path), log_path=str(tmp_path / "lab.log")) as lab, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/01_batch_noise.ipynb?token={lab.token}")
+            page.wait_for_selector(".jp-Notebook", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000,
+                                   state="attached")
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=30_000)
+            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click(timeout=30_000)
+            page.wait_for_selector(".widget-vbox .widget-slider", timeout=900_000)
+            page.wait_for_selector(".widget-vbox .js-plotly-plot", timeout=120_000)
+            before = _wait_for(page, lambda: page.evaluate(READ_FIGURE), timeout=120)
+            slider = page.locator(".widget-vbox .widget-slider").filter(has_text="noise level").first
+            slider.scroll_into_view_if_needed()
+            handle = slider.locator(".noUi-handle").first
+            box = handle.bounding_box()
+            track = slider.locator(".noUi-target").first.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(track["x"] + 2, box["y"] + box["height"] / 2, steps=15)  # to level 0
+            page.mouse.up()
+            after = _wait_for(page, lambda: _changed(page.evaluate(READ_FIGURE), before), timeout=300)
+            page.screenshot(path=str(ARTIFACTS / "browser-01_batch_noise.png"), full_page=False)
+        finally:
+            browser.close()
+    assert after != before
+    traces_before, traces_after = json.loads(before), json.loads(after)
+    assert traces_before and traces_after
+    assert [t[2] for t in traces_before] != [t[2] for t in traces_after], "the figure's data must change"
+
+
+def _changed(current: str | None, before: str) -> str | None:
+    return current if current and current != before else None
+
+
+def _wait_for(page, probe, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        page.wait_for_timeout(500)
+    raise AssertionError(f"condition not met within {timeout} s")

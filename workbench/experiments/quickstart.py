@@ -30,8 +30,8 @@ PRESET_EPOCHS = {"quick": 15, "full": 60}
 
 
 def default_lr(norm: str) -> float:
-    """Without normalisation the SGD recipe of the BN networks (lr 0.1) diverges; 0.02 with the
-    residual branches zero-initialised (Fixup-style: each block starts as the identity) trains."""
+    """Without normalisation the SGD recipe of the BN networks (lr 0.1) does not train ResNet-20 on
+    digits (10% test accuracy measured); a five times smaller rate is the default there."""
     return 0.02 if norm == "none" else 0.1
 
 
@@ -49,9 +49,7 @@ def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "
                    epochs: int = 15, batch_size: int = 64, lr: float | None = None, device: str = "auto",
                    seed: int = 0, progress: bool = True, **_: Any) -> dict:
     """Train ``model`` on digits with SGD + one-cycle schedule; return history, test metrics, confusion.
-
-    Without normalisation (``norm="none"``) the residual branches start at zero and the default
-    learning rate is lower (see :func:`default_lr`)."""
+    Without normalisation (``norm="none"``) the default learning rate is lower (:func:`default_lr`)."""
     lr = default_lr(norm) if lr is None else lr
     from workbench.models import build_model
 
@@ -60,8 +58,7 @@ def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "
     train_set, test_set = get_dataset("digits", "train", augment=True), get_dataset("digits", "test")
     train_loader = make_loader(train_set, batch_size, train=True, seed=seed)
     test_loader = make_loader(test_set, 256, train=False)
-    net = build_model(model, num_classes=train_set.num_classes, norm=norm, attention=attention, width=width,
-                      zero_init_residual=norm == "none")
+    net = build_model(model, num_classes=train_set.num_classes, norm=norm, attention=attention, width=width)
     optimizer = default_optimizer(net, lr=lr, weight_decay=5e-4)
     steps = epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)

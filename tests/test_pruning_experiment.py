@@ -10,7 +10,7 @@ import pytest
 from workbench.experiments import pruning as exp
 from workbench.viz import pruning as viz
 
-TINY = dict(model="segnet", norm="bn", width=0.125, epochs=2, lam=5e-3, batch_size=8, lr=0.05, device="cpu",
+TINY = dict(model="segnet", norm="bn", width=0.125, epochs=2, lam=5e-3, batch_size=8, lr=3e-3, device="cpu",
             seed=0, train_scenes=32, test_scenes=16, cpu_threads=1)
 
 

@@ -247,3 +247,66 @@ def test_recorder_and_sparsity_fraction() -> None:
     assert rec.records[0]["fraction_below"][1e-2] == pytest.approx(expected)
     assert sparsity_fraction(model, (1e-2,))[1e-2] == pytest.approx(expected)
     assert len(rec.records[1]["scales"]["backbone.bn1"]) == model.backbone.bn1.num_features
+
+
+def test_proximal_mode_soft_thresholds_after_the_step() -> None:
+    model = psp().train()
+    x = torch.randn(2, 3, 32, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.no_grad():
+        model.backbone.bn1.weight.copy_(torch.linspace(-0.02, 0.02, model.backbone.bn1.num_features))
+    backward(model, x)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    state = types.SimpleNamespace(model=model, inputs=x, epoch=0, step=0, logs={}, optimizer=optimizer)
+    cb = BNScaleSparsity(lam=0.02, mode="proximal")
+    cb.on_after_backward(state)  # proximal mode leaves the gradient alone
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb.on_step_end(state)
+    for n, p in model.named_parameters():
+        if n in bn_weight_names(model):
+            expected = torch.sign(before[n]) * (before[n].abs() - 0.01).clamp_min(0)
+            assert torch.allclose(p, expected), n
+        else:
+            assert torch.equal(p, before[n]), n
+    stem = model.backbone.bn1.weight
+    assert int((stem == 0).sum()) > 0  # |gamma| < lr * lam became exactly zero
+    with pytest.raises(ValueError, match="mode"):
+        BNScaleSparsity(mode="prox")
+
+
+def test_cags_proximal_uses_guided_weights() -> None:
+    model = psp().train()
+    x = torch.randn(2, 3, 32, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb = CAGSSparsity(lam=0.05, mode="proximal", other_bns="none")
+    state = types.SimpleNamespace(model=model, inputs=x, epoch=0, step=0, logs={}, optimizer=optimizer)
+    cb.on_fit_start(state)
+    backward(model, x)
+    weights = cb.weights()
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    cb.on_step_end(state)
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.BatchNorm2d):
+            continue
+        if n in weights:
+            expected = torch.sign(before[n]) * (before[n].abs() - 0.1 * 0.05 * weights[n]).clamp_min(0)
+            assert torch.allclose(m.weight, expected, atol=1e-7), n
+        else:
+            assert torch.equal(m.weight, before[n]), n
+    cb.remove()
+
+
+def test_proximal_step_in_adam_metric() -> None:
+    model = psp().train()
+    x = torch.randn(2, 3, 32, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    backward(model, x)
+    optimizer.step()
+    bn = model.backbone.bn1
+    before = bn.weight.detach().clone()
+    state = types.SimpleNamespace(model=model, inputs=x, epoch=0, step=0, logs={}, optimizer=optimizer)
+    BNScaleSparsity(lam=1e-4, mode="proximal").on_step_end(state)
+    v_hat = optimizer.state[bn.weight]["exp_avg_sq"] / (1 - 0.999)
+    amount = 1e-3 * 1e-4 / (v_hat.sqrt() + 1e-8)
+    assert torch.allclose(bn.weight, torch.sign(before) * (before.abs() - amount).clamp_min(0), atol=1e-7)

@@ -12,6 +12,7 @@ from workbench.pruning.sparsity import (
     CAGSSparsity,
     bn_scales,
     default_lambda,
+    soft_threshold_,
     sparsity_fraction,
 )
 
@@ -20,5 +21,5 @@ __all__ = [
     "EffectiveScaleImportance", "PerChannelNormPruner", "PruneReport", "attach_cagms", "attach_spec",
     "bn_scales", "build_from_spec", "compute_guidance", "count_flops", "count_params", "default_customized_pruners",
     "default_lambda", "default_sites", "effective_scale", "iebn_mean_attention", "load_pruned", "make_spec",
-    "measure_latency", "prune", "save_pruned", "sparsity_fraction",
+    "measure_latency", "prune", "save_pruned", "soft_threshold_", "sparsity_fraction",
 ]

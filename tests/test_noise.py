@@ -366,3 +366,17 @@ def test_per_source_accuracy():
 
     acc = per_source_accuracy(Oracle(), mix, batch_size=256)
     assert acc["digits"] == 0.0 and acc["digits-invert"] == 1.0 and math.isclose(acc["all"], 0.5)
+
+
+def test_source_batch_sampler_single_source_batches():
+    from workbench.data.mixed import SourceBatchSampler
+
+    sources = torch.tensor([0] * 10 + [1] * 7)
+    sampler = SourceBatchSampler(sources, 3, seed=1)
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 3 + 2
+    assert all(len(set(sources[b].tolist())) == 1 and len(b) == 3 for b in first)
+    assert first != second  # each pass reshuffles
+    assert first == list(SourceBatchSampler(sources, 3, seed=1))  # reproducible
+    with pytest.raises(ValueError, match="batch_size=0"):
+        SourceBatchSampler(sources, 0)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Sampler, Subset
 
 from ._validate import check_choice
 
@@ -244,3 +244,43 @@ def mixed_digits(split: str, shift: str | Callable[[Tensor], Tensor] = "invert",
     shifted = ShiftedDataset(get_dataset("digits", split, augment=augment), shift)
     return MixedDataset(base, shifted, label_mode=label_mode, proportion=proportion, names=("digits", shifted.name),
                         seed=seed)
+
+
+class SourceBatchSampler(Sampler[list[int]]):
+    """Batches drawn from one source at a time: the control for the mix-dataset attack.
+
+    The same items and the same number of optimiser steps as a shuffled loader over the
+    :class:`MixedDataset`, but every batch holds a single source, so batch statistics never mix
+    distributions. Batch order is shuffled across sources; each pass (epoch) reshuffles, from
+    ``(seed, pass index)``, so runs are reproducible. Incomplete batches are dropped.
+    """
+
+    def __init__(self, sources: Tensor, batch_size: int, seed: int = 0) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not valid; allowed: an integer >= 1")
+        self.sources = torch.as_tensor(sources, dtype=torch.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = []
+        for s in torch.unique(self.sources).tolist():
+            idx = torch.nonzero(self.sources == s).flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            batches += [idx[i:i + self.batch_size].tolist()
+                        for i in range(0, len(idx) - self.batch_size + 1, self.batch_size)]
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        return [batches[i] for i in order]
+
+    def __iter__(self):
+        batches = self._batches(self.epoch)
+        self.epoch += 1  # a DataLoader never calls set_epoch on its batch sampler
+        yield from batches
+
+    def __len__(self) -> int:
+        return sum(int((self.sources == s).sum()) // self.batch_size for s in torch.unique(self.sources).tolist())

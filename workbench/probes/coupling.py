@@ -80,7 +80,7 @@ class CouplingGap(Probe):
     name = "coupling_gap"
     hook = "on_after_backward"
 
-    def __init__(self, every: int = 200, micro_sizes: Sequence[int] = DEFAULT_MICRO_SIZES, per_layer: bool = False,
+    def __init__(self, every: int = 500, micro_sizes: Sequence[int] = DEFAULT_MICRO_SIZES, per_layer: bool = False,
                  path: str | os.PathLike | None = None) -> None:
         super().__init__(every, path)
         self.micro_sizes = tuple(micro_sizes)

@@ -1,0 +1,556 @@
+"""Notebook 01_batch_noise: BN vs IEBN (vs no normalisation) under batch-statistic noise.
+
+Everything the notebook shows is computed here and returned as plain data:
+
+- :func:`run_grid` -- train every norm at every noise level, batch size and seed (no-norm models
+  only at level 0: there are no batch statistics to perturb) and evaluate clean test accuracy;
+  tidy rows plus per-step training losses. The runs of the reference batch size at seed 0 carry
+  the gradient-noise-scale and GSNR probes (no extra training).
+- :func:`run_mix_attack` -- the mix-dataset attack: train on digits mixed with a shifted copy,
+  report accuracy on each source's test split.
+- :func:`run_diagnostics` -- on the trained clean models: BN estimation noise per layer vs batch
+  size, coupling gap vs micro-batch size, IEBN gate statistics under injected noise and after
+  training under noise.
+- :func:`summarize`, :func:`accuracy_at`, :func:`key_numbers` -- what figures, sliders and
+  ``results.json`` read.
+
+Design choices (the paper gives no recipe for its attacks; papers.md 2.4): the learning rate is
+scaled linearly with the batch size (``lr * batch_size / 64``), so every batch size sees the same
+number of epochs at a comparable step size; noise is injected into every BN-family layer (IEBN's
+plain-BN shortcut layers included) with clean running statistics, so test accuracy measures what
+the weights learned under noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from workbench.data import get_dataset, make_loader
+from workbench.data.mixed import SHIFTS, MixedDataset, ShiftedDataset, SourceBatchSampler, per_source_accuracy
+from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.noise import NOISE_KINDS, batch_stat_noise
+from workbench.params import COMMON, Param, validate
+from workbench.probes import (
+    GradientNoiseScale,
+    GradientSNR,
+    bn_input_moments,
+    coupling_gap,
+    estimation_noise,
+)
+from workbench.train import NonFiniteLossError, default_optimizer, evaluate, fit
+
+NORMS = ("bn", "iebn", "none")
+DATASETS = ("digits", "cifar10", "cifar100")
+MODELS = ("resnet20", "resnet32", "resnet56", "resnet110")
+REFERENCE_LR_BATCH = 64
+
+PARAMETERS = {
+    **COMMON,
+    "dataset": Param(str, choices=DATASETS, nullable=True, help="None: the preset's (digits / cifar100)"),
+    "image_size": Param(int, min=8, max=64, nullable=True, help="digits only: side of the upsampled images"),
+    "model": Param(str, choices=MODELS, nullable=True),
+    "width": Param(float, min=0.0625, max=8.0, nullable=True),
+    "norms": Param(list, item_type=str, help="subset of 'bn', 'iebn', 'none'"),
+    "kind": Param(str, choices=NOISE_KINDS),
+    "levels": Param(list, item_type=float, min=0.0, max=100.0, nullable=True),
+    "batch_sizes": Param(list, item_type=int, min=2, max=4096, nullable=True),
+    "batch_size": Param(int, min=2, max=4096, nullable=True,
+                        help="reference batch size (probes, mix attack); None: the largest of batch_sizes"),
+    "seeds": Param(int, min=1, max=20, nullable=True, help="number of seeds per grid point"),
+    "mix_seeds": Param(int, min=1, max=20, nullable=True, help="number of seeds of the mix-dataset attack"),
+    "epochs": Param(int, min=1, max=1000, nullable=True),
+    "lr": Param(float, min=1e-5, max=10.0),
+    "mix_shift": Param(str, choices=SHIFTS),
+    "probe_every": Param(int, min=1, nullable=True),
+    "micro_batches": Param(int, min=2, max=64),
+    "cpu_threads": Param(int, min=1, max=256, nullable=True,
+                         help="CPU only: torch intra-op threads (None: torch's default)"),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # quick: minutes on 2 CPU cores. The digits are 8x8 scans, so 16x16 loses nothing against 32x32
+    # and costs a quarter of the compute; levels span "barely visible" to "BN collapses" for the
+    # default kind "mean" (measured: BN, batch 64, 4 epochs: 0.85 / 0.81 / 0.32 / 0.13 accuracy at
+    # levels 0 / 0.2 / 0.5 / 1).
+    "quick": {"dataset": "digits", "image_size": 16, "model": "resnet20", "width": 0.5, "levels": [0.0, 0.5, 1.0],
+              "batch_sizes": [16, 32], "seeds": 2, "mix_seeds": 1, "epochs": 3, "probe_every": 3, "cpu_threads": 1},
+    "full": {"dataset": "cifar100", "image_size": 32, "model": "resnet56", "width": 1.0,
+             "levels": [0.0, 0.1, 0.25, 0.5, 1.0], "batch_sizes": [32, 128], "seeds": 3, "mix_seeds": 3, "epochs": 60,
+             "probe_every": 50, "cpu_threads": None},
+}
+
+
+def resolve(params: dict[str, Any]) -> dict[str, Any]:
+    """Validate the notebook's parameters and fill what the preset decides."""
+    params = validate(params, PARAMETERS, where="01_batch_noise")
+    preset = PRESETS[params.get("preset", "quick")]
+    for name, value in preset.items():
+        if params.get(name) is None:
+            params[name] = copy.deepcopy(value)
+    norms = params.get("norms") or list(NORMS)
+    bad = [n for n in norms if n not in NORMS]
+    if bad or len(set(norms)) != len(norms):
+        raise ValueError(f"parameter norms={norms!r} is not valid; allowed: distinct values of {NORMS}")
+    params["norms"] = list(norms)
+    if not params["levels"] or not params["batch_sizes"]:
+        raise ValueError("parameters levels and batch_sizes must be non-empty lists")
+    params["levels"] = sorted({float(v) for v in params["levels"]})
+    params["batch_sizes"] = sorted(set(params["batch_sizes"]))
+    if params.get("batch_size") is None:
+        params["batch_size"] = params["batch_sizes"][-1]
+    if params["batch_size"] < params.get("micro_batches", 4) * 2:
+        raise ValueError(f"parameter batch_size={params['batch_size']} is too small for micro_batches="
+                         f"{params.get('micro_batches')}; allowed: batch_size >= 2 * micro_batches")
+    return params
+
+
+def apply_cpu_threads(params: dict[str, Any]) -> int:
+    """On the CPU, set torch's intra-op threads to ``params["cpu_threads"]`` (when given); returns
+    the thread count in use.
+
+    The quick preset uses one thread: on a CPU shared with other jobs, two OpenMP threads per
+    process spin against the other processes' threads (measured on the 2-core development machine
+    under load: a 32x8x16x16 3x3 convolution took 46 ms with 2 threads and 0.4 ms with 1).
+    """
+    if resolve_device(params["device"]).type == "cpu" and params.get("cpu_threads"):
+        torch.set_num_threads(params["cpu_threads"])
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------------
+# one training run
+
+
+def _options(dataset: str, image_size: int | None) -> dict[str, Any]:
+    return {"size": image_size} if dataset == "digits" and image_size is not None else {}
+
+
+def _datasets(dataset: str, image_size: int | None = None) -> tuple[Any, Any]:
+    options = _options(dataset, image_size)
+    return get_dataset(dataset, "train", augment=True, **options), get_dataset(dataset, "test", **options)
+
+
+def build(model: str, norm: str, num_classes: int, width: float) -> nn.Module:
+    """The network of one run. Without normalisation a deep ResNet does not train from the official
+    init at this learning rate (measured: chance accuracy on digits), so its residual branches start
+    at zero (``zero_init_residual``, Fixup-style); BN and IEBN keep the official init."""
+    from workbench.models import build_model
+
+    return build_model(model, num_classes=num_classes, norm=norm, width=width, zero_init_residual=norm == "none")
+
+
+def train_one(norm: str, level: float, batch_size: int, seed: int, *, kind: str = "both", model: str = "resnet20",
+              width: float = 0.5, epochs: int = 4, lr: float = 0.1, dataset: str = "digits",
+              image_size: int | None = None, device: str | torch.device = "auto", train_set: Any = None,
+              test_set: Any = None, callbacks: Sequence[Any] = (), noise_seed: int | None = None,
+              batch_sampler: Any = None) -> dict:
+    """Train one model under batch-statistic noise of ``level``; evaluate clean test accuracy.
+
+    ``batch_sampler`` replaces the shuffled loader (the mix attack's single-source control).
+
+    Returns ``{"norm", "level", "batch_size", "seed", "test_acc", "test_loss", "train_loss",
+    "losses" (per step), "history", "seconds", "model"}``.
+    """
+    dev = resolve_device(device)
+    if train_set is None or test_set is None:
+        train_set, test_set = _datasets(dataset, image_size)
+    seed_everything(seed)
+    net = build(model, norm, train_set.num_classes, width)
+    if batch_sampler is not None:
+        train_loader = DataLoader(train_set, batch_sampler=batch_sampler)
+    else:
+        train_loader = make_loader(train_set, batch_size, train=True, seed=seed)
+    test_loader = make_loader(test_set, 256, train=False)
+    run_lr = lr * batch_size / REFERENCE_LR_BATCH
+    optimizer = default_optimizer(net, lr=run_lr, weight_decay=5e-4)
+    steps = epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=run_lr, total_steps=steps, pct_start=0.15)
+    started = time.perf_counter()
+    noise = None
+    if level > 0:
+        noise = batch_stat_noise(net, level, kind=kind, seed=seed if noise_seed is None else noise_seed)
+    log: list[dict] = []
+    diverged = False
+    try:
+        result = fit(net, train_loader, None, epochs, optimizer=optimizer, scheduler=scheduler,
+                     scheduler_interval="step", callbacks=[*([noise] if noise else []), *callbacks, _StepLog(log)],
+                     device=dev, progress=False)
+        history = result.history
+    except NonFiniteLossError:
+        # strong noise can blow training up: that is a result (chance accuracy), not a crash
+        diverged, history = True, []
+    finally:
+        if noise is not None:
+            noise.remove()
+    test = evaluate(net, test_loader, dev)
+    return {"norm": norm, "level": float(level), "batch_size": batch_size, "seed": seed, "test_acc": test["acc"],
+            "test_loss": test["loss"], "train_loss": history[-1]["train_loss"] if history else math.nan,
+            "diverged": diverged, "losses": [e["loss"] for e in log], "history": history,
+            "seconds": time.perf_counter() - started, "model": net}
+
+
+class _StepLog:
+    """Keeps the per-step loss even when a run diverges part-way (``fit`` then raises)."""
+
+    def __init__(self, log: list[dict]) -> None:
+        self.log = log
+
+    def on_step_end(self, state: Any) -> None:
+        self.log.append({"step": state.step, "loss": float(state.loss.detach())})
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):
+            return lambda state: None
+        raise AttributeError(name)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the grid
+
+
+def grid_points(params: dict[str, Any]) -> list[tuple[str, float, int, int]]:
+    """(norm, level, batch_size, seed) of every run; no-norm models only at level 0."""
+    points = []
+    for norm in params["norms"]:
+        levels = [0.0] if norm == "none" else params["levels"]
+        for level in levels:
+            for bs in params["batch_sizes"]:
+                for seed in range(params["seed"], params["seed"] + params["seeds"]):
+                    points.append((norm, float(level), bs, seed))
+    return points
+
+
+def run_grid(params: dict[str, Any], progress: bool = True) -> dict:
+    """Train the whole grid. Returns ``{"rows": [...], "losses": {(norm, level, bs): [...]},
+    "probes": {norm: {"gradient_noise_scale": log, "gsnr": log}}, "models": {(norm, level): model},
+    "seconds"}``; ``models`` holds the seed-``seed`` models of the reference batch size."""
+    train_set, test_set = _datasets(params["dataset"], params.get("image_size"))
+    points = grid_points(params)
+    rows, losses, models, probe_logs = [], {}, {}, {}
+    bar = _bar(points, progress, "grid")
+    started = time.perf_counter()
+    for norm, level, bs, seed in bar:
+        reference = bs == params["batch_size"] and seed == params["seed"]
+        callbacks = []
+        if reference and level == 0.0:
+            callbacks = [GradientNoiseScale(every=params["probe_every"], micro_batches=params["micro_batches"]),
+                         GradientSNR(every=params["probe_every"], micro_batches=params["micro_batches"])]
+        run = train_one(norm, level, bs, seed, kind=params["kind"], model=params["model"], width=params["width"],
+                        epochs=params["epochs"], lr=params["lr"], dataset=params["dataset"],
+                        device=params["device"], train_set=train_set, test_set=test_set, callbacks=callbacks)
+        if callbacks:
+            probe_logs[norm] = {cb.name: cb.log().to_dict() for cb in callbacks}
+        if reference:
+            models[(norm, level)] = run["model"]
+        if seed == params["seed"]:
+            losses[(norm, level, bs)] = run["losses"]
+        rows.append({k: v for k, v in run.items() if k not in ("model", "losses", "history")})
+    return {"rows": rows, "losses": losses, "probes": probe_logs, "models": models,
+            "seconds": time.perf_counter() - started}
+
+
+def _bar(items: Sequence[Any], enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc)
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Mean and std of test accuracy over seeds per (norm, level, batch_size)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["norm"], r["level"], r["batch_size"]), []).append(r["test_acc"])
+    out = []
+    for (norm, level, bs), accs in sorted(groups.items(), key=lambda kv: (NORMS.index(kv[0][0]), kv[0][1], kv[0][2])):
+        out.append({"norm": norm, "level": level, "batch_size": bs, "mean": statistics.fmean(accs),
+                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs), "accs": accs})
+    return out
+
+
+def accuracy_at(summary: Sequence[dict], level: float, batch_size: int) -> dict[str, dict]:
+    """Per norm, the grid point nearest to ``(level, batch_size)`` (what the sliders call).
+
+    No-norm models exist at level 0 only and are reported there for every level (their training
+    has no batch statistics to perturb).
+    """
+    out: dict[str, dict] = {}
+    for norm in dict.fromkeys(r["norm"] for r in summary):
+        cands = [r for r in summary if r["norm"] == norm]
+        best = min(cands, key=lambda r: (abs(math.log(r["batch_size"]) - math.log(batch_size)),
+                                         abs(r["level"] - level)))
+        out[norm] = dict(best)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the mix-dataset attack
+
+
+def mixed_sets(dataset: str, shift: str, image_size: int | None = None) -> tuple[MixedDataset, MixedDataset]:
+    options = _options(dataset, image_size)
+    train_base = get_dataset(dataset, "train", augment=True, **options)
+    test_base = get_dataset(dataset, "test", **options)
+    names = (dataset, f"{dataset}-{shift}")
+    train = MixedDataset(train_base, ShiftedDataset(train_base, shift), label_mode="shared", names=names)
+    test = MixedDataset(test_base, ShiftedDataset(test_base, shift), label_mode="shared", names=names)
+    return train, test
+
+
+MIX_ARMS = ("separate", "mixed")
+
+
+def run_mix_attack(params: dict[str, Any], progress: bool = True) -> list[dict]:
+    """The mix attack and its control, per norm and seed (``mix_seeds``), reference batch size.
+
+    Both arms train on the same union of the two sources for the same number of steps:
+    ``"mixed"`` draws shuffled batches that mix the sources (the attack), ``"separate"`` draws
+    every batch from a single source (:class:`~workbench.data.mixed.SourceBatchSampler`), so the
+    only difference is whether batch statistics mix distributions. Rows: ``{"norm", "seed",
+    "arm", "<source>": acc, ..., "all": acc}`` on each source's test split.
+    """
+    train, test = mixed_sets(params["dataset"], params["mix_shift"], params.get("image_size"))
+    rows = []
+    seeds = range(params["seed"], params["seed"] + params.get("mix_seeds", params["seeds"]))
+    points = [(n, s, arm) for n in params["norms"] for s in seeds for arm in MIX_ARMS]
+    for norm, seed, arm in _bar(points, progress, "mix attack"):
+        sampler = SourceBatchSampler(train.sources, params["batch_size"], seed) if arm == "separate" else None
+        run = train_one(norm, 0.0, params["batch_size"], seed, model=params["model"], width=params["width"],
+                        epochs=params["epochs"], lr=params["lr"], device=params["device"], train_set=train,
+                        test_set=test, batch_sampler=sampler)
+        acc = per_source_accuracy(run["model"], test, device=resolve_device(params["device"]))
+        rows.append({"norm": norm, "seed": seed, "arm": arm, **acc})
+    return rows
+
+
+def summarize_mix(rows: Sequence[dict], clean: Sequence[dict] | None = None, batch_size: int | None = None) -> dict:
+    """``{norm: {arm: {source: {"mean", "std"}}}}`` over seeds; with ``clean`` (grid summary) also
+    ``"alone"``: the same norm trained on the first source only (level 0, ``batch_size``)."""
+    out: dict[str, dict] = {}
+    for norm in dict.fromkeys(r["norm"] for r in rows):
+        out[norm] = {}
+        for arm in dict.fromkeys(r["arm"] for r in rows if r["norm"] == norm):
+            mine = [r for r in rows if r["norm"] == norm and r["arm"] == arm]
+            sources = [k for k in mine[0] if k not in ("norm", "seed", "arm")]
+            out[norm][arm] = {s: {"mean": statistics.fmean(r[s] for r in mine),
+                                  "std": statistics.stdev([r[s] for r in mine]) if len(mine) > 1 else 0.0}
+                              for s in sources}
+        if clean is not None:
+            ref = [r for r in clean if r["norm"] == norm and r["level"] == 0.0 and r["batch_size"] == batch_size]
+            if ref:
+                out[norm]["alone"] = {"mean": ref[0]["mean"], "std": ref[0]["std"]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# diagnostics on trained models
+
+
+def reference_batch(train: Any, batch_size: int, seed: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A fixed random batch of the (un-augmented) training set."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)[:batch_size].tolist()
+    x = torch.stack([train[i][0] for i in idx]).to(device)
+    y = torch.tensor([int(train[i][1]) for i in idx]).to(device)
+    return x, y
+
+
+@torch.no_grad()
+def gate_statistics(model: nn.Module, inputs: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per IEBN layer: mean and std of the gate over samples and channels (model's current mode)."""
+    from workbench.probes.attention import AttentionRecorder
+
+    gates = AttentionRecorder(model, kinds="iebn").attribute(inputs)
+    return {name: {"mean": float(a.mean()), "std": float(a.std())} for name, a in gates.items()}
+
+
+def attention_response(model: nn.Module, inputs: torch.Tensor, levels: Sequence[float], kind: str,
+                       seed: int = 0) -> dict:
+    """IEBN gates of a clean-trained model under injected noise (training-mode forwards on a copy,
+    so the running statistics of ``model`` are untouched). ``{"levels": [...], "layers": {name:
+    {"mean": [...], "std": [...]}}}``."""
+    out: dict[str, Any] = {"levels": list(levels), "layers": {}}
+    for level in levels:
+        net = copy.deepcopy(model).train()
+        with batch_stat_noise(net, level, kind=kind, seed=seed):
+            stats = gate_statistics(net, inputs)
+        for name, s in stats.items():
+            layer = out["layers"].setdefault(name, {"mean": [], "std": []})
+            layer["mean"].append(s["mean"])
+            layer["std"].append(s["std"])
+    return out
+
+
+def trained_attention(models: dict[tuple[str, float], nn.Module], inputs: torch.Tensor) -> dict:
+    """IEBN gates (eval mode, clean inputs) of the IEBN models trained at each noise level."""
+    levels = sorted(level for norm, level in models if norm == "iebn")
+    out: dict[str, Any] = {"levels": levels, "layers": {}}
+    for level in levels:
+        net = models[("iebn", level)]
+        was = net.training
+        net.eval()
+        stats = gate_statistics(net, inputs)
+        net.train(was)
+        for name, s in stats.items():
+            layer = out["layers"].setdefault(name, {"mean": [], "std": []})
+            layer["mean"].append(s["mean"])
+            layer["std"].append(s["std"])
+    return out
+
+
+def run_diagnostics(params: dict[str, Any], models: dict[tuple[str, float], nn.Module]) -> dict:
+    """Estimation noise, coupling gap and IEBN gate responses on the trained reference models."""
+    import torch.nn.functional as F
+
+    dev = resolve_device(params["device"])
+    options = _options(params["dataset"], params.get("image_size"))
+    train = get_dataset(params["dataset"], "train", **options)
+    x, y = reference_batch(train, max(params["batch_size"], 64), params["seed"], dev)
+    out: dict[str, Any] = {"estimation": {}, "coupling": {}, "attention_injected": None, "attention_trained": None}
+    sizes = [b for b in (2, 4, 8, 16, 32, 64, 128, 256) if b < len(train)]
+    micro = [b for b in (2, 4, 8, 16, 32) if b < x.shape[0]]
+    for norm in params["norms"]:
+        net = models.get((norm, 0.0))
+        if net is None:
+            continue
+        if norm != "none":
+            moments = bn_input_moments(net, train, device=dev)
+            out["estimation"][norm] = estimation_noise(moments, sizes, n_batches=128, seed=params["seed"])
+        out["coupling"][norm] = coupling_gap(net, x, y, F.cross_entropy, micro)
+    if ("iebn", 0.0) in models:
+        probe_x = x[:64]
+        out["attention_injected"] = attention_response(models[("iebn", 0.0)], probe_x, params["levels"],
+                                                       params["kind"], seed=params["seed"])
+        out["attention_trained"] = trained_attention(models, probe_x)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# everything, and the numbers results.json keeps
+
+
+def assemble(params: dict[str, Any], grid: dict, mix_rows: list[dict], diagnostics: dict) -> dict:
+    """The pieces of a run as one result (what :func:`key_numbers` reads)."""
+    summary = summarize(grid["rows"])
+    return {"params": dict(params), "grid": grid, "summary": summary, "mix_rows": mix_rows,
+            "mix": summarize_mix(mix_rows, summary, params["batch_size"]), "diagnostics": diagnostics,
+            "device": describe_device(resolve_device(params["device"]))}
+
+
+def run_all(params: dict[str, Any], progress: bool = True) -> dict:
+    started = time.perf_counter()
+    grid = run_grid(params, progress)
+    mix_rows = run_mix_attack(params, progress)
+    diagnostics = run_diagnostics(params, grid["models"])
+    result = assemble(params, grid, mix_rows, diagnostics)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def flat_numbers(numbers: dict) -> dict[str, Any]:
+    """:func:`key_numbers` as flat ``name -> number`` pairs (``bn_clean_acc``, ``iebn_mix_digits``, ...)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}_{k}" if prefix else str(k), v)
+        else:
+            flat[prefix.replace("-", "_")] = value
+
+    walk("", numbers)
+    return flat
+
+
+def slider_view(grid: dict, summary: Sequence[dict], level: float, batch_size: int) -> dict:
+    """What the noise-level / batch-size sliders show: per norm the nearest grid point's accuracy
+    (:func:`accuracy_at`) and the per-step training loss of its first seed."""
+    point = accuracy_at(summary, level, batch_size)
+    losses = {norm: grid["losses"][(norm, p["level"], p["batch_size"])]
+              for norm, p in point.items() if (norm, p["level"], p["batch_size"]) in grid["losses"]}
+    return {"point": point, "losses": losses}
+
+
+def describe(numbers: dict) -> str:
+    """A plain-language reading of :func:`key_numbers`: does IEBN degrade less than BN?"""
+    top, bs, kind = numbers["max_level"], numbers["batch_size"], numbers["kind"]
+    lines = []
+    for norm in ("bn", "iebn", "none"):
+        n = numbers.get(norm)
+        if not n:
+            continue
+        text = f"{norm.upper() if norm != 'none' else 'no norm'}: clean {n['clean_acc']:.3f} ± {n['clean_acc_std']:.3f}"
+        if "acc_at_max_level" in n:
+            text += (f", at level {top:g} ({kind}) {n['acc_at_max_level']:.3f} ± {n['acc_at_max_level_std']:.3f}"
+                     f" (drop {n['drop']:+.3f})")
+        lines.append(text)
+    bn, iebn = numbers.get("bn"), numbers.get("iebn")
+    if bn and iebn and "drop" in bn and "drop" in iebn:
+        noise = max(bn["acc_at_max_level_std"], iebn["acc_at_max_level_std"], bn["clean_acc_std"],
+                    iebn["clean_acc_std"])
+        diff = bn["drop"] - iebn["drop"]
+        rel_bn = bn["acc_at_max_level"] / max(bn["clean_acc"], 1e-9)
+        rel_iebn = iebn["acc_at_max_level"] / max(iebn["clean_acc"], 1e-9)
+        verdict = "less" if diff > 0 else "more"
+        strength = "beyond" if abs(diff) > noise else "within"
+        lines.append(f"At batch {bs}, IEBN loses {abs(diff):.3f} {verdict} accuracy than BN at the highest level "
+                     f"(it keeps {rel_iebn:.0%} of its clean accuracy, BN {rel_bn:.0%}); the difference is {strength} "
+                     f"the seed-to-seed spread ({noise:.3f}).")
+    return "\n".join(lines)
+
+
+def key_numbers(result: dict) -> dict[str, Any]:
+    """Per norm: clean accuracy and accuracy at the highest level (reference batch size) and their
+    drop; per-source accuracy under the mix attack; final B_simple / GSNR; coupling gap at the
+    smallest micro-batch; mean estimation noise at the smallest and largest batch size."""
+    params = result["params"]
+    bs, top = params["batch_size"], max(params["levels"])
+    numbers: dict[str, Any] = {}
+    for norm in params["norms"]:
+        at = {r["level"]: r for r in result["summary"] if r["norm"] == norm and r["batch_size"] == bs}
+        if 0.0 not in at:
+            continue
+        entry = {"clean_acc": at[0.0]["mean"], "clean_acc_std": at[0.0]["std"]}
+        if norm != "none" and top in at:
+            entry.update({"acc_at_max_level": at[top]["mean"], "acc_at_max_level_std": at[top]["std"],
+                          "drop": at[0.0]["mean"] - at[top]["mean"]})
+        if norm in result["mix"]:
+            entry["mix"] = {arm: (v["mean"] if arm == "alone" else {s: a["mean"] for s, a in v.items()})
+                            for arm, v in result["mix"][norm].items()}
+        logs = result["grid"]["probes"].get(norm, {})
+        gns = logs.get("gradient_noise_scale", {}).get("records", [])
+        if gns:
+            entry["b_simple_final"] = gns[-1]["b_simple"]
+        snr = logs.get("gsnr", {}).get("records", [])
+        if snr:
+            entry["gsnr_weighted_final"] = snr[-1]["weighted"]
+        gap = result["diagnostics"]["coupling"].get(norm)
+        if gap:
+            entry["coupling_gap_smallest_micro"] = {"micro_batch": gap["micro_sizes"][0], "gap": gap["gap"][0]}
+        est = result["diagnostics"]["estimation"].get(norm)
+        if est:
+            layers = list(est["layers"].values())
+            entry["estimation_mean_dev"] = {
+                str(b): statistics.fmean(lay["mean_dev"][i] for lay in layers)
+                for i, b in enumerate(est["batch_sizes"]) if i in (0, len(est["batch_sizes"]) - 1)}
+        numbers[norm] = entry
+    numbers["max_level"] = top
+    numbers["kind"] = params["kind"]
+    numbers["batch_size"] = bs
+    return numbers

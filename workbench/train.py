@@ -20,37 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.callbacks import Callback
 from workbench.device import autocast_dtype, resolve_device
 from workbench.io import atomic_open
 
 TASKS = ("classification", "segmentation")
-
-
-class Callback:
-    """Base class of the training callbacks; every hook is optional.
-
-    ``on_after_backward`` runs after ``loss.backward()`` and before ``optimizer.step()``: this is where
-    sparsity subgradients on BN scales belong. ``state_dict``/``load_state_dict`` let a callback's
-    running state (e.g. an EMA) travel in checkpoints.
-    """
-
-    def on_fit_start(self, state: TrainState) -> None: ...
-
-    def on_step_start(self, state: TrainState) -> None: ...
-
-    def on_after_backward(self, state: TrainState) -> None: ...
-
-    def on_step_end(self, state: TrainState) -> None: ...
-
-    def on_epoch_end(self, state: TrainState) -> None: ...
-
-    def on_fit_end(self, state: TrainState) -> None: ...
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
 
 
 @dataclass

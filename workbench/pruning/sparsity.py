@@ -39,6 +39,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from workbench.callbacks import Callback
 from workbench.pruning.cagm import AFFINITIES, REDUCTIONS, CAGMSet, default_sites
 from workbench.pruning.graph import _trace_forward, flatten_outputs, opaque_cells, preserved_modes
 from workbench.pruning.importance import EffectiveScaleImportance, is_norm
@@ -55,28 +56,6 @@ def default_lambda(model_name: str) -> float:
         if model_name.startswith(prefix):
             return lam
     return 1e-5
-
-
-class Callback:
-    """The training-callback protocol of ``workbench.train`` (duck-typed: pruning sits below train)."""
-
-    def on_fit_start(self, state: Any) -> None: ...
-
-    def on_step_start(self, state: Any) -> None: ...
-
-    def on_after_backward(self, state: Any) -> None: ...
-
-    def on_step_end(self, state: Any) -> None: ...
-
-    def on_epoch_end(self, state: Any) -> None: ...
-
-    def on_fit_end(self, state: Any) -> None: ...
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
 
 
 TrainState = Any

@@ -40,6 +40,7 @@ batch_size = None
 seeds = None
 mix_seeds = None
 epochs = None
+mix_epochs = None
 lr = 0.1
 mix_shift = "invert"
 probe_every = None
@@ -58,7 +59,7 @@ started = time.perf_counter()
 params = batch_noise.resolve(dict(
     preset=preset, device=device, seed=seed, dataset=dataset, image_size=image_size, model=model, width=width,
     norms=norms, kind=kind, levels=levels, batch_sizes=batch_sizes, batch_size=batch_size, seeds=seeds,
-    mix_seeds=mix_seeds, epochs=epochs, lr=lr, mix_shift=mix_shift, probe_every=probe_every,
+    mix_seeds=mix_seeds, epochs=epochs, mix_epochs=mix_epochs, lr=lr, mix_shift=mix_shift, probe_every=probe_every,
     micro_batches=micro_batches, cpu_threads=cpu_threads))
 batch_noise.apply_cpu_threads(params)
 params
@@ -75,7 +76,7 @@ linearly with the batch size (`lr × batch / 64`). The runs at the reference bat
 grid = batch_noise.run_grid(params)
 summary = batch_noise.summarize(grid["rows"])
 print(f"{len(grid['rows'])} training runs in {grid['seconds']:.0f} s")
-viz.show(bnviz.accuracy_vs_level_figure(summary, kind=params["kind"]))
+viz.show(bnviz.accuracy_vs_level_figure(summary, kind=params["kind"]));
 """),
     ("md", """
 Sliders: noise level and batch size pick the nearest grid point (each norm's test accuracy over seeds, and its
@@ -94,7 +95,7 @@ panel = widgets.static_or_interactive(
     ("code", """
 runs = [{"norm": n, "level": lv, "losses": losses} for (n, lv, bs), losses in grid["losses"].items()
         if bs == params["batch_size"] and n != "none"]
-viz.show(bnviz.loss_curves_figure(runs, title=f"Training loss per step under noise (batch {params['batch_size']})"))
+viz.show(bnviz.loss_curves_figure(runs, title=f"Training loss per step under noise (batch {params['batch_size']})"));
 """),
     ("md", """
 ## The mix-dataset attack
@@ -108,7 +109,7 @@ trained on the digits alone (fewer samples and steps: a reference, not a control
     ("code", """
 mix_rows = batch_noise.run_mix_attack(params)
 mix = batch_noise.summarize_mix(mix_rows, summary, params["batch_size"])
-viz.show(bnviz.mix_attack_figure(mix))
+viz.show(bnviz.mix_attack_figure(mix));
 """),
     ("md", """
 ## Measuring the noise
@@ -119,7 +120,7 @@ standard deviation) and of the batch variance ratio. The dotted line is the 1/�
 """),
     ("code", """
 diagnostics = batch_noise.run_diagnostics(params, grid["models"])
-viz.show(bnviz.estimation_noise_figure(diagnostics["estimation"]))
+viz.show(bnviz.estimation_noise_figure(diagnostics["estimation"]));
 """),
     ("md", """
 **Gradient noise scale and GSNR over training** (clean runs at the reference batch size): the batch is split into
@@ -128,9 +129,9 @@ vectorised pass on a functional copy of the network. B_simple = tr Σ / |G|² (m
 read-out), GSNR = mean² / variance per parameter of the micro-batch gradients.
 """),
     ("code", """
-viz.show(bnviz.probes_over_training_figure(grid["probes"]))
+viz.show(bnviz.probes_over_training_figure(grid["probes"]));
 if "bn" in grid["probes"]:
-    viz.show(bnviz.gsnr_layers_figure(grid["probes"]["bn"]["gsnr"], title="Per-layer GSNR over training (BN)"))
+    viz.show(bnviz.gsnr_layers_figure(grid["probes"]["bn"]["gsnr"], title="Per-layer GSNR over training (BN)"));
 """),
     ("md", """
 **BN coupling gap**: the mean of micro-batch gradients (each micro-batch normalised on its own) against the
@@ -138,7 +139,7 @@ gradient of the whole batch normalised together. Without batch statistics the tw
 with BN the gap is the batch noise in the gradient, and it grows as micro-batches shrink.
 """),
     ("code", """
-viz.show(bnviz.coupling_gap_figure(diagnostics["coupling"]))
+viz.show(bnviz.coupling_gap_figure(diagnostics["coupling"]));
 """),
     ("md", """
 **IEBN's response**: mean and spread of the gates per layer, (left) when noise is injected into the clean-trained
@@ -146,7 +147,7 @@ IEBN network, (right) for the IEBN networks trained at each level, evaluated on 
 """),
     ("code", """
 if diagnostics["attention_injected"]:
-    viz.show(bnviz.attention_response_figure(diagnostics["attention_injected"], diagnostics["attention_trained"]))
+    viz.show(bnviz.attention_response_figure(diagnostics["attention_injected"], diagnostics["attention_trained"]));
 """),
     ("md", """
 ## Key numbers

@@ -63,7 +63,7 @@ def accuracy_vs_level_figure(summary: Sequence[Mapping], title: str = "Clean tes
             if len(pts) == 1 and pts[0]["level"] == 0.0 and len(levels) > 1:
                 m, s = pts[0]["mean"], pts[0]["std"]
                 xs = [levels[0], levels[-1]]
-                fig.add_trace(go.Scatter(x=xs + xs[::-1], y=[m + s] * 2 + [m - s] * 2, fill="toself",
+                fig.add_trace(go.Scatter(x=xs + xs[::-1], y=[m + s] * 2 + [m - s] * 2, fill="toself", mode="lines",
                                          fillcolor=_rgba(color, 0.15), line=dict(width=0), hoverinfo="skip",
                                          showlegend=False, legendgroup=norm), row=1, col=col)
                 fig.add_trace(go.Scatter(x=xs, y=[m, m], mode="lines", line=dict(color=color, dash="dash"),

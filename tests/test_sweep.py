@@ -103,3 +103,37 @@ def test_unreachable_ray_address_is_refused_before_work(notebook, tmp_path, caps
     assert code == 2
     assert "no Ray cluster answers" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_ctrl_c_keeps_finished_points_and_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    body = ("import time\nfrom workbench import report\n"
+            "if seed == 1:\n    time.sleep(120)\n"
+            "report.record('score', seed + lr)")
+    nb = write_test_notebook(tmp_path / "slow.ipynb", body, PARAMS)
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1",
+                             "--jobs", "1", "--output", str(out)], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    done = out / "points" / "seed=0" / "point.json"
+    deadline = time.monotonic() + 120
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert done.exists(), "the first point should finish before the interrupt"
+    time.sleep(3)  # the second point is now executing its sleeping cell
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    first = json.loads(done.read_text())
+    assert first["status"] == "done"
+    assert not (out / "points" / "seed=1" / "point.json").exists()
+    # the rerun skips the finished point and re-executes the interrupted one
+    write_test_notebook(nb, body.replace("time.sleep(120)", "pass"), PARAMS)
+    summary = run_sweep(str(nb), {"seed": [0, 1]}, jobs=1, output=str(out), echo=lambda *_: None)
+    assert summary["status"] == "done"
+    assert summary["points"][0]["duration"] == first["duration"]
+    assert summary["points"][1]["metrics"] == {"score": 1.1}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.callbacks import Callback
 from workbench.device import describe_device, resolve_device
 from workbench.probes import BNEstimationNoise, CouplingGap, GradientNoiseScale, GradientSNR
 from workbench.probes.microbatch import micro_batch_gradients, micro_batch_gradients_loop, probe_copy
@@ -30,7 +31,7 @@ OVERHEAD_TARGET = 1.1
 VMAP_TARGET = 3.0
 
 
-class _Timer:
+class _Timer(Callback):
     """Callback bracketing every optimiser step; put it first *and* last in the callback list."""
 
     def __init__(self, device: torch.device) -> None:
@@ -51,13 +52,6 @@ class _Timer:
             _sync(self.device)
             self.times.append(time.perf_counter() - self._start)
 
-    def __getattr__(self, name: str):
-        if name.startswith("on_"):
-            return lambda state: None
-        raise AttributeError(name)
-
-    def state_dict(self) -> dict:
-        return {}
 
 
 def _sync(device: torch.device) -> None:

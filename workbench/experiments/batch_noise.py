@@ -46,7 +46,7 @@ from workbench.probes import (
     coupling_gap,
     estimation_noise,
 )
-from workbench.train import NonFiniteLossError, default_optimizer, evaluate, fit
+from workbench.train import Callback, NonFiniteLossError, default_optimizer, evaluate, fit
 
 NORMS = ("bn", "iebn", "none")
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -201,7 +201,7 @@ def train_one(norm: str, level: float, batch_size: int, seed: int, *, kind: str 
             "seconds": time.perf_counter() - started, "model": net}
 
 
-class _StepLog:
+class _StepLog(Callback):
     """Keeps the per-step loss even when a run diverges part-way (``fit`` then raises)."""
 
     def __init__(self, log: list[dict]) -> None:
@@ -209,17 +209,6 @@ class _StepLog:
 
     def on_step_end(self, state: Any) -> None:
         self.log.append({"step": state.step, "loss": float(state.loss.detach())})
-
-    def __getattr__(self, name: str):
-        if name.startswith("on_"):
-            return lambda state: None
-        raise AttributeError(name)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from workbench.callbacks import Callback
 from workbench.nn.functional import running_average_factor, update_running_stats
 from workbench.noise.schedule import Schedule, check_level, make_schedule
 
@@ -131,7 +132,7 @@ def _is_plain(module: nn.Module) -> bool:
     return type(module).forward in _PLAIN_FORWARDS
 
 
-class BatchStatNoise:
+class BatchStatNoise(Callback):
     """Handle of an installed batch-statistic noise; see the module docstring for the semantics.
 
     Use it as a context manager, remove it with :meth:`remove`, and pass it to ``fit(callbacks=...)``
@@ -345,7 +346,7 @@ class BatchStatNoise:
         return y.to(x.dtype)
 
     # ------------------------------------------------------------------------------------------
-    # training callback (duck-typed: workbench.train is a higher layer)
+    # training callback
 
     def on_fit_start(self, state: Any) -> None:
         self.set_step(int(state.step))
@@ -353,14 +354,6 @@ class BatchStatNoise:
     def on_step_start(self, state: Any) -> None:
         self.set_step(int(state.step))
         state.logs["noise_level"] = self.current_level
-
-    def on_after_backward(self, state: Any) -> None: ...
-
-    def on_step_end(self, state: Any) -> None: ...
-
-    def on_epoch_end(self, state: Any) -> None: ...
-
-    def on_fit_end(self, state: Any) -> None: ...
 
     def state_dict(self) -> dict:
         return {"step": self._step, "level": self._level}

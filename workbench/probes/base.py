@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workbench.callbacks import Callback
 from workbench.io import write_json_atomic
 
 HOOKS = ("on_after_backward", "on_step_end")
@@ -45,7 +46,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-class Probe:
+class Probe(Callback):
     """Base of the measurement callbacks; see the module docstring."""
 
     name = "probe"
@@ -86,11 +87,7 @@ class Probe:
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     logs[f"{self.name}/{key}"] = value
 
-    # -- callback protocol (duck-typed: workbench.train is a higher layer) ---------------------
-
-    def on_fit_start(self, state: Any) -> None: ...
-
-    def on_step_start(self, state: Any) -> None: ...
+    # -- callback protocol ---------------------------------------------------------------------
 
     def on_after_backward(self, state: Any) -> None:
         if self.hook == "on_after_backward":

@@ -23,8 +23,9 @@ def setup(renderer: str = "plotly_mimetype+notebook") -> None:
         _configured = True
 
 
-def show(fig: go.Figure) -> go.Figure:
-    """Display a figure in a notebook (no-op outside IPython) and return it."""
+def show(fig: go.Figure) -> None:
+    """Display a figure in a notebook (no-op outside IPython). Returns None, so a cell ending with
+    ``viz.show(fig)`` does not display the figure a second time as its value."""
     try:
         from IPython import get_ipython
 
@@ -32,7 +33,6 @@ def show(fig: go.Figure) -> go.Figure:
             fig.show()
     except ImportError:
         pass
-    return fig
 
 
 def base_layout(fig: go.Figure, title: str, height: int = 420, **kwargs) -> go.Figure:

@@ -57,8 +57,8 @@ def test_noise_slider_updates_the_figure_in_jupyterlab(tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/01_batch_noise.ipynb?token={lab.token}")
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000,
-                                   state="attached")
+            # the status bar reads "Python (workbench) | Idle" once the kernel is up
+            page.locator(".jp-StatusBar-Widget", has_text="Idle").first.wait_for(timeout=120_000)
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=30_000)
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click(timeout=30_000)
             page.wait_for_selector(".widget-vbox .widget-slider", timeout=900_000)

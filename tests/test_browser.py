@@ -18,7 +18,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 # A small grid so the notebook's cells finish in about a minute on two cores; the cells and the
 # widget wiring are the notebook's own, only the literals of its parameters cell change.
 SMALL = {"norms": ["bn", "iebn"], "levels": [0.0, 1.0], "batch_sizes": [32, 64], "batch_size": 64,
-         "seeds": [0], "mix_seeds": [0], "epochs": 1}
+         "seeds": 1, "mix_seeds": 1, "mix_epochs": 1, "epochs": 1}
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
@@ -40,8 +40,13 @@ def _small_copy(tmp_path: Path) -> Path:
     from papermill.iorw import load_notebook_node, write_ipynb
     from papermill.parameterize import parameterize_notebook
 
+    from workbench.runner import load_spec, plan_parameters
+
+    source = notebooks_dir() / "01_batch_noise.ipynb"
+    plan_parameters([load_spec(source)], SMALL)  # a stale override fails here, not after a long wait
+
     target = tmp_path / "01_batch_noise.ipynb"
-    node = load_notebook_node(str(notebooks_dir() / "01_batch_noise.ipynb"))
+    node = load_notebook_node(str(source))
     write_ipynb(parameterize_notebook(node, SMALL, kernel_name="workbench"), str(target))
     return target
 

@@ -126,11 +126,12 @@ def test_ctrl_c_keeps_finished_points_and_resumes(tmp_path):
     assert done.exists(), "the first point should finish before the interrupt"
     time.sleep(3)  # the second point is now executing its sleeping cell
     os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=60)
+    proc.wait(timeout=300)  # the interrupted kernel and worker shut down first; slow on a loaded machine
     assert proc.returncode != 0
     first = json.loads(done.read_text())
     assert first["status"] == "done"
-    assert not (out / "points" / "seed=1" / "point.json").exists()
+    interrupted = out / "points" / "seed=1" / "point.json"
+    assert not interrupted.exists() or json.loads(interrupted.read_text())["status"] != "done"
     # the rerun skips the finished point and re-executes the interrupted one
     write_test_notebook(nb, body.replace("time.sleep(120)", "pass"), PARAMS)
     summary = run_sweep(str(nb), {"seed": [0, 1]}, jobs=1, output=str(out), echo=lambda *_: None)

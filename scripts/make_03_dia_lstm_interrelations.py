@@ -90,8 +90,9 @@ viz.show(vd.state_norms_figure(dia["norms"]))
 states = ab["dia_states"]
 stage_w = widgets.dropdown(list(states), params["layer"], "stage")
 sample_w = ipywidgets.IntSlider(value=0, min=0, max=params["num_samples"] - 1, description="sample", continuous_update=False)
-channel_w = ipywidgets.IntSlider(value=-1, min=-1, max=max(s[0]["h"].shape[1] for s in states.values()) - 1,
-                                 description="channel (-1: mean)", continuous_update=False)
+channel_w = ipywidgets.IntSlider(value=-1, min=-1, max=0, description="channel (-1: mean)", continuous_update=False)
+# The channel range follows the chosen stage (16, 32 or 64 channels in resnet20).
+widgets.bind_range(channel_w, stage_w, lambda stage: (-1, states[stage][0]["h"].shape[1] - 1))
 
 def compute_gates(stage, sample, channel):
     return exp.gate_curves_for(states, stage, sample, channel)

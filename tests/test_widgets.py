@@ -46,3 +46,31 @@ def test_batch_mode_shows_static_figure(monkeypatch):
                                          lambda r, ratio: _build(r, ratio)) is None
     monkeypatch.delenv(report.BATCH_ENV_VAR)
     assert not report.is_batch()
+
+
+def test_bound_range_follows_its_source_before_the_figure_recomputes():
+    import ipywidgets
+
+    channels = {"layer1": 16, "layer3": 64}
+    stage = widgets.dropdown(list(channels), "layer3", "stage")
+    channel = ipywidgets.IntSlider(value=-1, min=-1, max=0)
+    widgets.bind_range(channel, stage, lambda s: (-1, channels[s] - 1))
+    assert (channel.min, channel.max) == (-1, 63)
+
+    seen = []
+
+    def compute(stage, channel):
+        if not -1 <= channel < channels[stage]:
+            raise ValueError(f"channel {channel} out of range for {stage}")
+        seen.append((stage, channel))
+        return [channel, channel]
+
+    panel = widgets.InteractiveFigure({"stage": stage, "channel": channel}, compute,
+                                      lambda r, stage, channel: _build(r, channel))
+    channel.value = 60
+    stage.value = "layer1"
+    assert (channel.max, channel.value) == (15, 15), "the value is clamped into the new stage's range"
+    assert panel.status.value == "", "no out-of-range combination reached the computation"
+    assert seen[-1] == ("layer1", 15)
+    stage.value = "layer3"
+    assert channel.max == 63 and channel.value == 15

@@ -58,6 +58,29 @@ def dropdown(options: Sequence[Any], value: Any = None, description: str = ""):
     return w.Dropdown(options=options, value=value if value is not None else options[0], description=description)
 
 
+def bind_range(control, source, bounds: Callable[[Any], tuple[int | float, int | float]]):
+    """Keep ``control``'s ``min``/``max`` at ``bounds(source.value)`` (e.g. a channel slider whose range
+    depends on the chosen layer), now and whenever ``source`` changes; the value is clamped into the new
+    range. Bind before handing the controls to :class:`InteractiveFigure`, so the range follows first and
+    the figure is recomputed with a valid combination. Returns ``control``."""
+
+    def apply(value: Any) -> None:
+        low, high = bounds(value)
+        if low > high:
+            raise ValueError(f"bounds({value!r}) gave min={low!r} > max={high!r}; allowed: min <= max")
+        # Widen before narrowing: ipywidgets refuses a min above the current max (and vice versa).
+        if low > control.max:
+            control.max = high
+            control.min = low
+        else:
+            control.min = low
+            control.max = high
+
+    apply(source.value)
+    source.observe(lambda change: apply(change["new"]), names="value")
+    return control
+
+
 class InteractiveFigure:
     """Controls + a ``go.FigureWidget`` whose traces are recomputed when a control changes.
 

@@ -48,6 +48,20 @@ def test_sweep_runs_every_point_then_resumes(notebook, tmp_path):
     assert [p["duration"] for p in again["points"]] == [p["duration"] for p in summary["points"]]
 
 
+def test_parallel_points_share_the_cores_instead_of_oversubscribing(tmp_path, monkeypatch):
+    from workbench.sweep import threads_per_point
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    body = "import torch\nfrom workbench import report\nreport.record('threads', torch.get_num_threads())"
+    nb = write_test_notebook(tmp_path / "threads.ipynb", body, PARAMS)
+    summary = run_sweep(str(nb), {"seed": [0, 1]}, jobs=2, output=str(tmp_path / "sweep"), echo=lambda *_: None)
+    expected = threads_per_point(2)
+    assert expected is not None and expected >= 1
+    assert [p["metrics"]["threads"] for p in summary["points"]] == [expected, expected]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_point(2) is None, "a user's own OMP_NUM_THREADS is kept"
+
+
 def test_one_failing_point_keeps_the_others(notebook, tmp_path):
     out = tmp_path / "sweep"
     summary = run_sweep(str(notebook), {"lr": [0.1, 5.0], "seed": [0, -1]}, jobs=2, output=str(out),

@@ -14,6 +14,7 @@ import html
 import itertools
 import json
 import multiprocessing
+import os
 import re
 import threading
 import time
@@ -91,8 +92,30 @@ def check_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> tuple[list[
     return points, refused
 
 
-def _execute_point(notebook: str, point_dir: str, params: dict, timeout: int, kernel: str) -> dict:
-    """Run in a worker process: one papermill execution, its outcome written to point.json."""
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def threads_per_point(jobs: int) -> int | None:
+    """CPU threads each of ``jobs`` parallel kernels gets: the usable cores divided among them, so
+    that parallel points do not oversubscribe the CPU (two kernels each running torch on every core
+    of a 2-core machine trained ~10x slower than one after the other). ``None`` when the user set
+    ``OMP_NUM_THREADS`` themselves: theirs is kept."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+def _execute_point(notebook: str, point_dir: str, params: dict, timeout: int, kernel: str,
+                   threads: int | None = None) -> dict:
+    """Run in a worker process: one papermill execution, its outcome written to point.json. The
+    kernel inherits this process's environment, so ``threads`` caps its torch/BLAS threads."""
+    if threads is not None:
+        for var in THREAD_ENV_VARS:
+            os.environ[var] = str(threads)
     result = execute_notebook(Path(notebook), Path(point_dir), params, timeout=timeout, kernel_name=kernel,
                               stem=Path(notebook).stem)
     outcome = result.to_dict()
@@ -147,8 +170,10 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
             continue
         todo.append((pid, params, point_dir))
     skipped = len(points) - len(todo) - len(refused)
+    threads = threads_per_point(jobs) if ray_backend is None else None
     echo(f"[workbench] sweep {path.stem}: {len(points)} points, {skipped} already done, "
-         f"{len(refused)} refused, {len(todo)} to run with {jobs} job(s) -> {root}")
+         f"{len(refused)} refused, {len(todo)} to run with {jobs} job(s)"
+         + (f" of {threads} CPU thread(s)" if threads else "") + f" -> {root}")
 
     def publish() -> dict:
         summary = _summary(path, grid, points, outcomes, root)
@@ -169,13 +194,13 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
     if ray_backend is not None:
         ray_backend.run(todo, path, timeout, kernel, gpus_per_point, jobs, _execute_point, finished)
     else:
-        _run_local(todo, path, timeout, kernel, jobs, finished)
+        _run_local(todo, path, timeout, kernel, jobs, finished, threads)
     summary = publish()
     echo(f"[workbench] sweep index: {root / 'index.html'}")
     return summary
 
 
-def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished) -> None:
+def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished, threads: int | None = None) -> None:
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         futures = {}
@@ -183,7 +208,7 @@ def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished)
             for i, (pid, params, point_dir) in enumerate(todo):
                 if i and i < jobs:
                     time.sleep(KERNEL_START_SPACING_S)
-                future = pool.submit(_execute_point, str(path), str(point_dir), params, timeout, kernel)
+                future = pool.submit(_execute_point, str(path), str(point_dir), params, timeout, kernel, threads)
                 futures[future] = (pid, params)
             for future in cf.as_completed(futures):
                 pid, params = futures[future]

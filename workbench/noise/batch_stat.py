@@ -36,12 +36,13 @@ How each layer family is instrumented:
   ``stat_transform_updates_running_stats`` flag, for ``running_stats="noisy"``), or for feature
   noise a forward hook on the gate's probe point; both are gone again when the call returns, so
   the layer's own (possibly fused) path runs whenever the level is 0;
-- ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` (any ``_BatchNorm`` whose class does not
-  override ``forward``): ``forward`` is replaced *on the instance* by a manual batch-norm that uses the
-  perturbed statistics and updates the running statistics exactly like ``nn.BatchNorm``. A
-  ``SyncBatchNorm`` under an initialised process group pools the statistics over the group first
-  (differentiably), so every rank sees the same global statistics; with the same ``seed`` every
-  rank also draws the same noise.
+- ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and ``workbench.nn.SyncBatchNorm2d`` (any
+  ``_BatchNorm`` whose class does not override ``forward``, and the two synced layers):
+  ``forward`` is replaced *on the instance* by a manual batch-norm that uses the perturbed
+  statistics and updates the running statistics exactly like ``nn.BatchNorm``. A synced layer
+  under an initialised process group pools the statistics over the group first (differentiably),
+  so every rank sees the same global statistics; with the same ``seed`` every rank also draws the
+  same noise.
 
 Reproducibility: the noise of a call is a pure function of ``(seed, step, layer index, call index
 within the step)``. The per-channel draws come from a CPU generator (identical on every device);
@@ -69,11 +70,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from workbench.callbacks import Callback
 from workbench.nn.functional import running_average_factor, update_running_stats
+from workbench.nn.sync import SyncBatchNorm2d, pool_moments_over_group
 from workbench.noise.schedule import Schedule, check_level, make_schedule
 
 NOISE_KINDS = ("constant", "mean", "var", "both", "feature")
 RUNNING_STATS = ("clean", "noisy")
-_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+# SyncBatchNorm2d: the workbench's CPU-capable synced BN (DDP over gloo), plain BN otherwise
+_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, SyncBatchNorm2d.forward)
 _MASK64 = (1 << 64) - 1
 # draw streams: independent noise for the mean, the variance and the features of one call
 _MEAN, _VAR, _FEATURE = 1, 2, 3
@@ -379,6 +382,12 @@ def _batch_moments(module: _BatchNorm, x: Tensor) -> tuple[Tensor, Tensor, int]:
     ``SyncBatchNorm`` under an initialised group) and the number of values behind them."""
     dims = [0, *range(2, x.dim())]
     count = x.numel() // x.shape[1]
+    if isinstance(module, SyncBatchNorm2d) and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        # the same exact pooling as the layer's own forward, so a noisy step sees the statistics a clean one would
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        mean, var, total = pool_moments_over_group(mean, var, count, module.process_group)
+        return mean, var, int(total[0].item())
     if isinstance(module, nn.SyncBatchNorm) and torch.distributed.is_available() \
             and torch.distributed.is_initialized():
         import torch.distributed.nn.functional as dist_fn

@@ -12,7 +12,11 @@ from workbench.probes.base import Probe, ProbeLog, load_probe_log  # noqa: F401
 from workbench.probes.bn_stats import BNEstimationNoise, bn_input_moments, estimation_noise  # noqa: F401
 from workbench.probes.coupling import CouplingGap, coupling_gap  # noqa: F401
 from workbench.probes.dia import DIARecorder, dia_cells, gate_summary  # noqa: F401
-from workbench.probes.gradient_noise import GradientNoiseScale, two_batch_estimates  # noqa: F401
+from workbench.probes.gradient_noise import (  # noqa: F401
+    DDPGradientNoiseScale,
+    GradientNoiseScale,
+    two_batch_estimates,
+)
 from workbench.probes.gsnr import GradientSNR, gsnr_from_micro_gradients  # noqa: F401
 from workbench.probes.microbatch import (  # noqa: F401
     batch_gradient,

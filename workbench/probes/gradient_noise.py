@@ -25,6 +25,12 @@ read-out. Two ways to get :math:`G_b` and :math:`G_B`:
 
 With batch norm, per-example gradients do not exist; :math:`\Sigma` here is the covariance of
 *micro-batch* gradients scaled by :math:`b`, the quantity that matters for the batch size.
+
+Under DistributedDataParallel, :class:`DDPGradientNoiseScale` is McCandlish et al.'s nearly free
+estimator (their Appendix A, papers.md 6.1): every rank's own gradient is a :math:`G_b` with
+:math:`b` = the per-rank batch, the all-reduced gradient DDP hands the optimiser is :math:`G_B` with
+:math:`B` = the global batch, and the same two formulas apply, with :math:`|G_b|^2` averaged over
+the ranks (same expectation, lower variance). No extra forward or backward runs.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ from __future__ import annotations
 import math
 import os
 from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
 
 from workbench.probes.base import Probe
 from workbench.probes.microbatch import (
@@ -43,6 +53,7 @@ from workbench.probes.microbatch import (
 )
 
 METHODS = ("two_batch", "micro")
+DDP_METHOD = "ddp"
 
 
 def two_batch_estimates(sq_small: float, sq_big: float, b: int, big: int) -> tuple[float, float]:
@@ -88,33 +99,56 @@ def _ratio(num: float | None, den: float | None) -> float:
     return num / den
 
 
-class GradientNoiseScale(Probe):
+class _NoiseScaleProbe(Probe):
+    """The bookkeeping every ``B_simple`` probe shares: unbiased estimates from a pair of squared
+    gradient norms, their moving averages, the record, and the checkpointed state."""
+
+    name = "gradient_noise_scale"
+    hook = "on_after_backward"
+
+    def __init__(self, every: int, ema: float, path: str | os.PathLike | None) -> None:
+        super().__init__(every, path)
+        self._g2, self._trace = EMA(ema), EMA(ema)
+
+    @property
+    def b_simple(self) -> float:
+        return _ratio(self._trace.value, self._g2.value)
+
+    def _estimate(self, sq_small: float, sq_big: float, b: int, big: int) -> dict:
+        g2, trace = two_batch_estimates(sq_small, sq_big, b, big)
+        g2_ema, trace_ema = self._g2.update(g2), self._trace.update(trace)
+        return {"g2": g2, "trace": trace, "g2_ema": g2_ema, "trace_ema": trace_ema,
+                "b_simple": _ratio(trace_ema, g2_ema), "b": b, "B": big}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "g2": self._g2.state_dict(), "trace": self._trace.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "g2" in state:
+            self._g2.load_state_dict(state["g2"])
+            self._trace.load_state_dict(state["trace"])
+
+
+class GradientNoiseScale(_NoiseScaleProbe):
     """Callback recording ``B_simple`` every ``every`` steps; see the module docstring.
 
     Records: ``g2``, ``trace`` (this step's unbiased estimates), ``g2_ema``, ``trace_ema``,
     ``b_simple`` (ratio of the averages), ``b``, ``B``.
     """
 
-    name = "gradient_noise_scale"
-    hook = "on_after_backward"
-
     def __init__(self, every: int = 50, micro_batches: int = 4, method: str = "micro", ema: float = 0.9,
                  path: str | os.PathLike | None = None) -> None:
-        super().__init__(every, path)
+        super().__init__(every, ema, path)
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not valid; allowed: {METHODS}")
         check_micro_batches(micro_batches, micro_batches)
         self.method = method
         self.micro_batches = micro_batches
-        self._g2, self._trace = EMA(ema), EMA(ema)
         self._copy = ProbeCopy()
 
     def config(self) -> dict:
         return {**super().config(), "method": self.method, "micro_batches": self.micro_batches, "ema": self._g2.beta}
-
-    @property
-    def b_simple(self) -> float:
-        return _ratio(self._trace.value, self._g2.value)
 
     def measure(self, state: Any) -> dict | None:
         model, x, y = state.model, state.inputs, state.targets
@@ -136,16 +170,103 @@ class GradientNoiseScale(Probe):
             small = batch_gradient(model, x[:b], y[:b], state.loss_fn, clone=clone)
             sq_small = float(flat_norm_sq(small))
             big = x.shape[0]
-        g2, trace = two_batch_estimates(sq_small, sq_big, b, big)
-        g2_ema, trace_ema = self._g2.update(g2), self._trace.update(trace)
-        return {"g2": g2, "trace": trace, "g2_ema": g2_ema, "trace_ema": trace_ema,
-                "b_simple": _ratio(trace_ema, g2_ema), "b": b, "B": big}
+        return self._estimate(sq_small, sq_big, b, big)
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "g2": self._g2.state_dict(), "trace": self._trace.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if "g2" in state:
-            self._g2.load_state_dict(state["g2"])
-            self._trace.load_state_dict(state["trace"])
+def _record_comm_hook(probe: DDPGradientNoiseScale, bucket):  # no annotations: DDP checks them by identity
+    """DDP communication hook: DDP's own averaging all-reduce, with the squared norm of this rank's
+    bucket taken before it and that of the averaged bucket after it, on the steps being measured."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    if not probe._armed:
+        return allreduce_hook(probe._group, bucket)
+    # before the hook: allreduce_hook divides the buffer in place
+    probe._local.append(bucket.buffer().detach().double().square().sum())
+
+    def averaged(fut):
+        tensor = fut.value()
+        probe._global.append(tensor.detach().double().square().sum())
+        return tensor
+
+    return allreduce_hook(probe._group, bucket).then(averaged)
+
+
+class DDPGradientNoiseScale(_NoiseScaleProbe):
+    """``B_simple`` under DistributedDataParallel from the per-rank vs all-reduced gradient pair
+    (McCandlish et al. 2018, Appendix A; see the module docstring), every ``every`` steps.
+
+    Every rank must hold one (the measurement ends in a two-number all-reduce); give ``path`` on
+    rank 0 only. Call :meth:`attach` on the DDP-wrapped model before the first backward.
+
+    The per-rank gradient is read in a DDP communication hook, which sees each gradient bucket once,
+    as this rank computed it, just before DDP's own all-reduce averages it, and sees the averaged
+    bucket right after; the hook then hands DDP exactly what its default hook would. The
+    alternative, ``no_sync()`` plus a hand-made all-reduce of every gradient, would duplicate DDP's
+    communication and lose its overlap with the backward pass. Cost on a measured step: one squared
+    norm per bucket before and after the all-reduce plus one all-reduce of two numbers; on other
+    steps nothing but a Python call per bucket.
+
+    ``sq_small`` is the mean over ranks of :math:`|G_b|^2` and ``sq_big`` :math:`|G_B|^2`; both are
+    the data gradient only (read before any callback, e.g. a sparsity subgradient, edits ``.grad``).
+    With synchronised batch statistics a rank's gradient still depends on the other ranks' samples
+    through the shared statistics (papers.md 6.3: with BN only batch-level gradients exist); with
+    ``sync_bn`` off every rank's batch is normalised on its own, exactly the ghost-batch situation
+    of the ``micro`` method with ``k`` = the number of ranks.
+
+    Records: ``g2``, ``trace``, ``g2_ema``, ``trace_ema``, ``b_simple``, ``b`` (per-rank batch),
+    ``B`` (global batch), ``sq_small``, ``sq_big``, ``ranks``.
+    """
+
+    def __init__(self, every: int = 50, ema: float = 0.9, path: str | os.PathLike | None = None) -> None:
+        super().__init__(every, ema, path)
+        self._armed = False
+        self._local: list[torch.Tensor] = []
+        self._global: list[torch.Tensor] = []
+        self._group: Any = None
+        self._model: nn.Module | None = None
+
+    def config(self) -> dict:
+        return {**super().config(), "method": DDP_METHOD, "ema": self._g2.beta}
+
+    def attach(self, model: nn.Module) -> DDPGradientNoiseScale:
+        """Register the communication hook on ``model`` (a ``DistributedDataParallel``); once per
+        model, before its first backward."""
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(f"model={type(model).__name__} is not valid; allowed: a DistributedDataParallel model "
+                             "(use GradientNoiseScale in a single process)")
+        if self._model is not None:
+            raise ValueError("this DDPGradientNoiseScale is already attached to a model")
+        model.register_comm_hook(self, _record_comm_hook)
+        self._group = model.process_group
+        self._model = model
+        return self
+
+    def on_fit_start(self, state: Any) -> None:
+        if self._model is None or self._model is not state.model:
+            raise ValueError("DDPGradientNoiseScale is not attached to the model being trained; call "
+                             "attach(ddp_model) before fit")
+        if getattr(state, "amp_dtype", None) == torch.float16:
+            # GradScaler's scale is inside the buckets and changes over training: the averages would mix scales
+            raise ValueError("DDPGradientNoiseScale under fp16 autocast is not supported (loss-scaled gradients); "
+                             "allowed: amp 'off' or 'bf16'")
+
+    def on_step_start(self, state: Any) -> None:
+        self._armed = self.due(int(state.step))
+        self._local.clear()
+        self._global.clear()
+
+    def measure(self, state: Any) -> dict | None:
+        self._armed = False
+        if not self._local:  # no bucket was reduced this step (e.g. inside no_sync)
+            return None
+        local = torch.stack(self._local).sum()
+        big_sq = float(torch.stack(self._global).sum())
+        self._local.clear()
+        self._global.clear()
+        packed = torch.stack([local, local.new_tensor(float(state.inputs.shape[0]))])
+        dist.all_reduce(packed, group=self._group)
+        ranks = dist.get_world_size(self._group)
+        sq_small = float(packed[0]) / ranks
+        big = int(round(float(packed[1])))
+        b = big // ranks  # the sampler gives every rank the same share of the global batch
+        return {**self._estimate(sq_small, big_sq, b, big), "sq_small": sq_small, "sq_big": big_sq, "ranks": ranks}

@@ -13,6 +13,7 @@ from workbench.noise import batch_stat_noise
 from workbench.probes import (
     BNEstimationNoise,
     CouplingGap,
+    DDPGradientNoiseScale,
     GradientNoiseScale,
     GradientSNR,
     ProbeLog,
@@ -210,3 +211,19 @@ def test_probe_arguments_refused():
         CouplingGap(micro_sizes=(0,))
     with pytest.raises(ValueError, match=r"not a probe log"):
         ProbeLog.from_dict({"records": []})
+
+
+def test_ddp_gradient_noise_scale_refuses_misuse():
+    """The DDP estimator itself runs under torchrun (tests/test_train_cli.py); here its guards."""
+    with pytest.raises(ValueError, match=r"model=Linear is not valid; allowed: a DistributedDataParallel model"):
+        DDPGradientNoiseScale().attach(nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"ema=1.5.*allowed"):
+        DDPGradientNoiseScale(ema=1.5)
+    with pytest.raises(ValueError, match=r"every=0.*allowed"):
+        DDPGradientNoiseScale(every=0)
+    model = nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="not attached to the model being trained"):
+        fit(model, [(torch.randn(4, 4), torch.randn(4, 1))], loss_fn=F.mse_loss, callbacks=[DDPGradientNoiseScale()],
+            device="cpu", progress=False)
+    probe = DDPGradientNoiseScale(every=3, ema=0.5)
+    assert probe.config() == {"every": 3, "method": "ddp", "ema": 0.5} and probe.name == "gradient_noise_scale"

@@ -236,6 +236,10 @@ class DDPGradientNoiseScale(_NoiseScaleProbe):
                              "(use GradientNoiseScale in a single process)")
         if self._model is not None:
             raise ValueError("this DDPGradientNoiseScale is already attached to a model")
+        ranks = dist.get_world_size(model.process_group)
+        if ranks < 2:
+            raise ValueError(f"the process group has {ranks} rank(s); allowed: 2 or more (b < B needs several ranks; "
+                             "use GradientNoiseScale in a single process)")
         model.register_comm_hook(self, _record_comm_hook)
         self._group = model.process_group
         self._model = model

@@ -166,3 +166,15 @@ def test_segmentation_fit_with_aux_outputs():
     result = fit(Seg(), loader, loader, epochs=15, task="segmentation", device="cpu", progress=False,
                  optimizer=None)
     assert result.history[-1]["val_miou"] > 0.8
+
+
+def test_make_optimizer_kinds_and_refusal():
+    from workbench.train import make_optimizer
+
+    net = nn.Linear(3, 2)
+    sgd = make_optimizer(net, "sgd", 0.1, weight_decay=5e-4)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
+    adamw = make_optimizer(net, "adamw", 2e-3)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 2e-3
+    with pytest.raises(ValueError, match="optimizer='adam'.*sgd.*adamw"):
+        make_optimizer(net, "adam", 0.1)

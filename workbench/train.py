@@ -228,6 +228,19 @@ def default_optimizer(model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float = 1e-4) -> torch.optim.Optimizer:
+    """``"sgd"``: :func:`default_optimizer` (momentum 0.9, the papers'); ``"adamw"``: AdamW. Weight decay
+    on every parameter either way."""
+    if kind == "sgd":
+        return default_optimizer(model, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={kind!r} is not valid; allowed: {OPTIMIZERS}")
+
+
 def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = None, epochs: int = 1, *,
         optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
         scheduler_interval: str = "epoch", callbacks: Sequence[Callback] = (),

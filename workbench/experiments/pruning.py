@@ -46,7 +46,7 @@ from workbench.pruning import (
     prune,
     sparsity_fraction,
 )
-from workbench.train import default_optimizer, evaluate, fit
+from workbench.train import OPTIMIZERS, evaluate, fit, make_optimizer
 
 MODELS = ("segnet", "pspnet_resnet18", "pspnet_resnet50", "pspnet_resnet101", "icnet")
 NORMS = ("bn", "iebn")
@@ -54,7 +54,6 @@ REGIMES = ("plain", "l1", "cags")
 METHODS = ("slimming", "cap")
 SOURCE_OF = {"slimming": "l1", "cap": "cags"}  # which training regime each pruning method starts from
 THRESHOLDS = (1e-3, 1e-2, 1e-1)
-OPTIMIZERS = ("sgd", "adamw")
 
 PARAMETERS = {
     **COMMON,
@@ -109,15 +108,6 @@ def _limit_threads(threads: int | None, device: torch.device):
     return limit_cpu_threads(threads, device)
 
 
-def make_optimizer(net: nn.Module, kind: str, lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9 (the papers') or AdamW; weight decay 1e-4 on every parameter either way."""
-    if kind == "sgd":
-        return default_optimizer(net, lr=lr, weight_decay=1e-4)
-    if kind == "adamw":
-        return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    raise ValueError(f"optimizer={kind!r} is not valid; allowed: {OPTIMIZERS}")
-
-
 def _segment_metrics(model: nn.Module, loader: Any, device: torch.device, num_classes: int) -> dict:
     m = evaluate(model, loader, device, task="segmentation", num_classes=num_classes)
     return {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "per_class_iou": m["per_class_iou"]}
@@ -156,7 +146,7 @@ def train_run(regime: str, *, model: str = "pspnet_resnet18", norm: str = "bn", 
         sparsity = CAGSSparsity(lam=lam, mode=sparsity_mode)
     if sparsity is not None:
         callbacks.insert(0, sparsity)
-    opt = make_optimizer(net, optimizer, lr)
+    opt = make_optimizer(net, optimizer, lr, weight_decay=1e-4)
     steps = max(1, epochs * len(train_loader))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     started = time.perf_counter()
@@ -222,7 +212,7 @@ def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequenc
                 before = _segment_metrics(pruned, test_loader, dev, num_classes)
                 tuned = before
                 if finetune_epochs > 0 and ratio > 0:
-                    opt = make_optimizer(pruned, optimizer, lr * 0.3)
+                    opt = make_optimizer(pruned, optimizer, lr * 0.3, weight_decay=1e-4)
                     steps = finetune_epochs * len(train_loader)
                     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
                     fit(pruned, train_loader, None, finetune_epochs, optimizer=opt, scheduler=scheduler,

@@ -10,12 +10,10 @@ import torch
 from workbench.data import get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
 from workbench.params import COMMON, Param, validate
-from workbench.train import default_optimizer, evaluate, fit
+from workbench.train import OPTIMIZERS, evaluate, fit, make_optimizer
 
 NORMS = ("bn", "iebn", "none")
 ATTENTIONS = ("none", "se", "dia")
-
-OPTIMIZERS = ("sgd", "adamw")
 
 PARAMETERS = {
     **COMMON,
@@ -66,15 +64,6 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def make_optimizer(net: torch.nn.Module, optimizer: str, lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9) or AdamW, both with weight decay 5e-4."""
-    if optimizer == "sgd":
-        return default_optimizer(net, lr=lr, weight_decay=5e-4)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
-    raise ValueError(f"optimizer={optimizer!r} is not valid; allowed: {OPTIMIZERS}")
-
-
 def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "none", width: float = 1.0,
                    epochs: int = 15, batch_size: int = 64, lr: float | None = None, device: str = "auto",
                    seed: int = 0, optimizer: str | None = None, grad_clip: float | None = None,
@@ -96,7 +85,7 @@ def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "
     train_loader = make_loader(train_set, batch_size, train=True, seed=seed)
     test_loader = make_loader(test_set, 256, train=False)
     net = build_model(model, num_classes=train_set.num_classes, norm=norm, attention=attention, width=width)
-    opt = make_optimizer(net, optimizer, lr)
+    opt = make_optimizer(net, optimizer, lr, weight_decay=5e-4)
     steps = epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     started = time.perf_counter()

@@ -318,3 +318,47 @@ def test_ddp_gradient_noise_scale_on_linear_regression(tmp_path):
         assert (record["b"], record["B"], record["ranks"]) == (32, 64, 2)
     assert result["b_simple"] == pytest.approx(21.0, rel=0.12)
     assert json.loads((tmp_path / "gns.json").read_text())["config"]["method"] == "ddp"
+
+
+NOISE_WORKER = '''
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from workbench.noise import batch_stat_noise
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))  # the same batch on both ranks
+out = {}
+for kind in ("feature", "mean"):
+    with batch_stat_noise(net, 0.5, kind=kind, seed=7) as noise:
+        noise.set_step(3)
+        y = net(x).detach()
+    ys = [torch.zeros_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(ys, y)
+    out[kind] = float((ys[0] - ys[1]).abs().max())
+if dist.get_rank() == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(out, f)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_noise_draws_across_ranks(tmp_path):
+    """Under torchrun the statistic noise is one draw shared by the ranks (same input: same output),
+    the per-element feature noise is independent per rank (same input: different outputs)."""
+    script = tmp_path / "noise_worker.py"
+    script.write_text(NOISE_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gap = json.loads((tmp_path / "out.json").read_text())
+    assert gap["mean"] == 0.0 and gap["feature"] > 0.1, gap

@@ -16,7 +16,7 @@ mapping, e.g. ``--noise "{kind: mean, level: 0.5}"``, merged key by key into the
       ramp_steps: 1000
       layers: null              # null (all) or names / fnmatch patterns of normalisation layers
       running_stats: clean      # clean | noisy
-      seed: null                # null: the run's seed (every rank draws the same noise)
+      seed: null                # null: the run's seed
     sparsity:                   # BN-scale sparsity (workbench.pruning.sparsity)
       method: l1                # l1 (Network Slimming) | cags (CAP's CAGM-guided L1)
       strength: null            # lambda; null: the architecture's default (1e-5 ResNets, 1e-4 VGG/SegNet)
@@ -39,7 +39,8 @@ nearly free estimator from each rank's own gradient (batch = per-rank batch) aga
 all-reduced one (batch = global batch), see :class:`workbench.probes.DDPGradientNoiseScale`;
 ``micro`` and ``two_batch`` are the one-process estimators. Under DDP the other probes measure
 rank 0's share of the batch, on rank 0 only (``gsnr`` and ``coupling_gap`` with every rank's batch
-normalised on its own, as their micro-batches are); the noise draws are the same on every rank, and
+normalised on its own, as their micro-batches are); the statistic noise is one draw shared by the
+ranks (feature noise is drawn independently per rank, the ranks holding different samples), and
 CAGS's guiding vectors are averaged over the ranks every step so that every replica applies the
 same penalty (the guide of the global batch). CAP designed CAGS for segmentation; its CAGM only
 needs a ``C x H x W`` feature after a BN, so classification CNNs accept it too.
@@ -476,7 +477,8 @@ def setup_distributed(cfg: TrainConfig, info: DistInfo) -> torch.device:
 
 
 def build_training(cfg: TrainConfig, info: DistInfo, device: torch.device):
-    """Model (converted and wrapped as the run needs), loaders, optimiser and scheduler."""
+    """Model (converted and wrapped as the run needs), loaders, optimiser, scheduler, and the noise,
+    sparsity and probe callbacks."""
     from torch.utils.data import DataLoader
 
     from workbench.data import get_dataset, make_loader

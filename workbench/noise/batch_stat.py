@@ -49,7 +49,10 @@ within the step)``. The per-channel draws come from a CPU generator (identical o
 feature noise is drawn on the activation's device. Used as a training callback, ``on_step_start``
 sets the step from the loop, so a resumed run draws the same noise; used alone, the step stays
 where :meth:`BatchStatNoise.set_step` put it and successive forwards draw fresh noise through the
-call index.
+call index. Under ``torch.distributed`` the statistic noise is the same on every rank (the
+statistics are the group's, or each rank's under one shared draw), while the per-element feature
+noise of rank ``r > 0`` mixes ``r`` into its seed: the ranks hold different samples, whose noise
+must be independent (rank 0 draws what a single process draws).
 
 Removal restores the model exactly: the instance ``forward`` attributes, hooks and flags that were
 added are removed, nothing is ever added to parameters, buffers or the ``state_dict``. Copies made
@@ -304,6 +307,10 @@ class BatchStatNoise(Callback):
         call = self._calls.get((index, stream), 0)
         self._calls[(index, stream)] = call + 1
         seed = _mix(self.seed, self._step, index, call, stream)
+        rank = _process_rank()
+        if stream == _FEATURE and rank > 0:
+            # per-sample noise: another rank's samples need independent draws (statistic noise stays shared)
+            seed = _mix(self.seed, self._step, index, call, stream, rank)
         if stream != _FEATURE or device.type == "cpu":
             self._cpu_gen.manual_seed(seed)
             return torch.randn(tuple(shape), generator=self._cpu_gen, dtype=torch.float32).to(device, dtype)
@@ -368,6 +375,12 @@ class BatchStatNoise(Callback):
     def __repr__(self) -> str:
         return (f"BatchStatNoise(kind={self.kind!r}, level={self._level}, layers={len(self.layers)}, seed={self.seed}, "
                 f"running_stats={self.running_stats!r}, installed={self._installed})")
+
+
+def _process_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 def _affine_scale(module: nn.Module, like: Tensor) -> Tensor:

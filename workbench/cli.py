@@ -148,11 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="folder JupyterLab serves (default: the project)")
     p.set_defaults(func=_cmd_lab)
 
-    p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
+    # add_help=False: -h/--help after the name reaches the benchmark's or the trainer's own parser,
+    # which knows their options.
+    names = ",".join([*BENCHMARKS, "all"])
+    p = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)",
+                       add_help=False, usage=f"workbench bench {{{names}}} [options; -h for a benchmark's own]")
     p.add_argument("name", choices=[*BENCHMARKS, "all"])
     p.set_defaults(func=_cmd_bench, takes_rest=True)
 
-    p = sub.add_parser("train", help="train from a config, in one process or under torchrun")
+    p = sub.add_parser("train", help="train from a config, in one process or under torchrun", add_help=False)
     p.set_defaults(func=_cmd_train, takes_rest=True)
     return parser
 

@@ -360,7 +360,8 @@ def test_dia_pruner_keeps_gates_aligned() -> None:
     assert torch.allclose(h_new, h_ref[:, keep], atol=1e-6) and torch.allclose(c_new, c_ref[:, keep], atol=1e-6)
 
 
-def test_save_load_dia_resnet(tmp_path) -> None:
+@pytest.mark.parametrize("explicit_spec", [True, False], ids=["spec-given", "spec-from-build_model"])
+def test_save_load_dia_resnet(tmp_path, explicit_spec: bool) -> None:
     from workbench.models import build_model
 
     spec = make_spec("workbench.models:build_model", "resnet20", num_classes=10, norm="iebn", attention="dia",
@@ -369,6 +370,8 @@ def test_save_load_dia_resnet(tmp_path) -> None:
     model = randomise_scales(build_model("resnet20", num_classes=10, norm="iebn", attention="dia", width=0.5))
     x = torch.randn(2, 3, 32, 32)
     pruned, _ = prune(model, 0.5, x[:1], latency=False)
-    loaded = load_pruned(save_pruned(pruned, tmp_path / "r20.pt", spec=spec))
+    # build_model remembers how it built the model, so the spec argument is optional
+    loaded = load_pruned(save_pruned(pruned, tmp_path / "r20.pt", spec=spec if explicit_spec else None))
+    assert loaded.build_spec == spec
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), pruned.eval()(x))

@@ -56,4 +56,20 @@ def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     unknown = sorted(set(options) - set(accepted))
     if unknown and not takes_any:
         raise ValueError(f"option(s) {unknown} are not valid for model {name!r}; allowed: {', '.join(accepted)}")
-    return builder(num_classes=num_classes, **options)
+    model = builder(num_classes=num_classes, **options)
+    if _plain_data(options):
+        # How to build this model again, as plain data (the format of workbench.pruning's build
+        # specs): a pruned copy can then be saved with save_pruned(model, path) and no spec argument.
+        model.build_spec = {"builder": "workbench.models:build_model", "args": [name],
+                            "kwargs": {"num_classes": num_classes, **options}, "transforms": []}
+    return model
+
+
+def _plain_data(value) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False

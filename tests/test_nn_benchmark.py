@@ -52,3 +52,15 @@ def test_main_writes_outputs(tmp_path, monkeypatch):
     assert layers.main(["--device", "cpu", "--quick", "--repeats", "1", "--batch", "2", "--output", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "layers-cpu.json").read_text())
     assert data["rows"] and (tmp_path / "layers-cpu.md").read_text().startswith("IEBN2d vs")
+
+
+def test_main_sections_subset_and_refusal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(layers, "STAGE_SHAPES", ((4, 4),))
+    monkeypatch.setattr(layers, "BLOCK_STAGES", ((8, 2, 4),))
+    assert layers.main(["--device", "cpu", "--quick", "--sections", "norm", "--repeats", "1", "--batch", "2",
+                        "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "layers-cpu.json").read_text())["rows"]
+    assert rows and {r["section"] for r in rows} == {"norm"}
+    with pytest.raises(SystemExit):
+        layers.main(["--sections", "convs"])
+    assert "norm,blocks" in capsys.readouterr().err

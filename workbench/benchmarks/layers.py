@@ -174,12 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of eager,compile")
     parser.add_argument("--shapes", choices=("stages", "all"), default="all",
                         help="norm-layer shapes: the ResNet stage shapes or all C x HW combinations")
+    parser.add_argument("--sections", default="norm,blocks",
+                        help="comma-separated subset of norm (IEBN2d vs BatchNorm2d) and blocks (attention stages)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size N (CIFAR training: 128)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", help="write layers-<device>.json and .md into this folder")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    sections = {v.strip() for v in args.sections.split(",") if v.strip()}
+    if not sections or not sections <= {"norm", "blocks"}:
+        parser.error(f"--sections={args.sections!r} is not valid; allowed: a non-empty subset of norm,blocks")
     if args.repeats < 1 or args.batch < 2:
         parser.error(f"--repeats={args.repeats} must be >= 1 and --batch={args.batch} >= 2")
     if args.threads is not None:
@@ -195,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"IEBN2d vs BatchNorm2d and attention stages vs plain, forward+backward, {describe_device(device)}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(header, flush=True)
-    rows = run_layer_bench(device, modes, shapes, BLOCK_STAGES, repeats=repeats, batch=args.batch,
+    rows = run_layer_bench(device, modes, shapes if "norm" in sections else (),
+                           BLOCK_STAGES if "blocks" in sections else (), repeats=repeats, batch=args.batch,
                            log=lambda line: print(line, flush=True))
     table = markdown(rows, header)
     print("\n" + table, flush=True)

@@ -14,15 +14,6 @@ from workbench.probes.attention import attention_sites
 WIDTH = 0.25
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors on a loaded 2-core machine: one intra-op thread is many times faster than two
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(name, norm="bn", attention="none", **kw):
     from workbench.models import build_model
 

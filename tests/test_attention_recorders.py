@@ -19,16 +19,6 @@ from workbench.probes.attention import (
 WIDTH = 0.25
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with two intra-op threads on a loaded 2-core machine OpenMP barriers made a
-    # forward 200x slower than with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(name, norm="bn", attention="none", **kw):
     from workbench.models import build_model
 

@@ -20,15 +20,6 @@ WIDTH = 0.25
 PAPER_PARAMS = {("bn", "none"): 1_727_284, ("iebn", "none"): 1_751_508, ("bn", "dia"): 1_946_132}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two intra-op threads on two shared, busy cores spend most of their time waiting on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

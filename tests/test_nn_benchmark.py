@@ -10,14 +10,6 @@ import torch
 from workbench.benchmarks import layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_compare_reports_medians_and_ratio():
     calls = {"b": 0, "c": 0}
 

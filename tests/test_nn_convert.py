@@ -16,14 +16,6 @@ from workbench.models import build_model
 from workbench.nn import IEBN2d, SyncBatchNorm2d, SyncIEBN2d, convert_bn_to_iebn, convert_sync_batchnorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_convert_torchvision_resnet18():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=7).double()

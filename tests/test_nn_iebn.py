@@ -12,15 +12,6 @@ import workbench.nn.functional as wf
 from workbench.nn import IEBN2d, iebn_reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two intra-op threads on two shared, busy cores spend most of their time waiting on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _randomised(channels: int = 5, dtype=torch.float64, **kwargs) -> IEBN2d:
     m = IEBN2d(channels, **kwargs).to(dtype)
     with torch.no_grad():

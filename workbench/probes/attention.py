@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from workbench.nn.probe import ATTENTION_KINDS, AttentionProbe, attention_probes
 from workbench.probes.base import Probe
+from workbench.probes.hooks import HookRecorder
 
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -95,7 +96,7 @@ def resolve_sites(model: nn.Module, kinds: str | Sequence[str] | None = None,
     return chosen
 
 
-class AttentionRecorder:
+class AttentionRecorder(HookRecorder):
     """Records the per-sample attention ``(N, C)`` of the chosen sites while active.
 
     ``kinds``: ``None`` (all) or any of ``"iebn"``, ``"se"``, ``"dia"``; ``layers``: ``None`` (all
@@ -106,48 +107,19 @@ class AttentionRecorder:
 
     def __init__(self, model: nn.Module, kinds: str | Sequence[str] | None = None,
                  layers: str | Sequence[str] | None = None) -> None:
-        self.model = model
+        super().__init__(model)
         self.probes = resolve_sites(model, kinds, layers)
         self.kinds = {name: probe.kind for name, probe in self.probes.items()}
-        self._handles: list[Any] = []
         self._batches: dict[str, list[Tensor]] = {}
-        self._calls: dict[str, int] = {}
         self._shared: set[str] = set()
 
-    # -- hook lifecycle -------------------------------------------------------------------
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> AttentionRecorder:
-        if self._handles:
-            raise RuntimeError("this AttentionRecorder is already active; it cannot be entered twice")
-        try:
-            # The model pre-hook marks forward boundaries so a probe shared by several blocks is
-            # told apart by its call index within one forward.
-            self._handles.append(self.model.register_forward_pre_hook(self._reset_calls))
-            for name, probe in self.probes.items():
-                self._handles.append(probe.register_forward_hook(self._make_hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this recorder registered (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
-
-    def _reset_calls(self, _module: nn.Module, _args: Any) -> None:
-        self._calls = {}
+    def _register(self) -> None:
+        for name, probe in self.probes.items():
+            self._keep(probe.register_forward_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str):
         def hook(_module: nn.Module, _args: Any, output: Tensor) -> None:
-            call = self._calls.get(name, 0)
-            self._calls[name] = call + 1
+            call = self._next_call(name)
             if call == 1 and name not in self._shared:  # a shared probe: key every call by its index
                 self._shared.add(name)
                 self._batches[f"{name}[0]"] = self._batches.pop(name, [])

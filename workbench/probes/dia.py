@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.nn.dia import DIALSTMCell, dia_lstm_gates
+from workbench.probes.hooks import HookRecorder
 
 DIA_KEYS = ("i", "f", "g", "o", "c", "h")
 
@@ -34,7 +35,7 @@ def dia_cells(model: nn.Module) -> dict[str, DIALSTMCell]:
     return cells
 
 
-class DIARecorder:
+class DIARecorder(HookRecorder):
     """Records ``i, f, g, o, c, h`` per block of each stage while active.
 
     ``stages``: ``None`` (all) or stage names (see :func:`dia_cells`); a bad name lists the
@@ -53,47 +54,22 @@ class DIARecorder:
                 raise ValueError(f"stages={missing or stages!r} not found among the DIA stages; available: "
                                  f"{', '.join(cells)}")
             cells = {s: cells[s] for s in stages}
-        self.model = model
+        super().__init__(model)
         self.cells = cells
-        self._handles: list[Any] = []
-        self._calls: dict[str, int] = {}
         self._records: dict[str, list[dict[str, list[Tensor]]]] = {}
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> DIARecorder:
-        if self._handles:
-            raise RuntimeError("this DIARecorder is already active; it cannot be entered twice")
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._reset_calls))
-            for stage, cell in self.cells.items():
-                self._handles.append(cell.register_forward_hook(self._make_hook(stage), with_kwargs=True))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    def _register(self) -> None:
+        for stage, cell in self.cells.items():
+            self._keep(cell.register_forward_hook(self._make_hook(stage), with_kwargs=True))
 
     def clear(self) -> None:
         self._records = {}
-
-    def _reset_calls(self, _module: nn.Module, _args: Any) -> None:
-        self._calls = {}
 
     def _make_hook(self, stage: str):
         def hook(cell: DIALSTMCell, args: tuple, kwargs: dict, output: tuple[Tensor, Tensor]) -> None:
             z = args[0] if args else kwargs["z"]
             h, c = args[1] if len(args) > 1 else kwargs["state"]
-            block = self._calls.get(stage, 0)
-            self._calls[stage] = block + 1
+            block = self._next_call(stage)
             with torch.no_grad():
                 step = dia_lstm_gates(cell, z.detach(), h.detach(), c.detach())
             step["h"], step["c"] = output[0].detach().clone(), output[1].detach().clone()

@@ -132,7 +132,11 @@ def test_ctrl_c_keeps_finished_points_and_resumes(tmp_path):
     out = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1",
                              "--jobs", "1", "--output", str(out)], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            # A test suite started in the background (`make test &`, CI runners) inherits an
+                            # ignored SIGINT, and Python then never raises KeyboardInterrupt: restore what a
+                            # terminal's Ctrl-C reaches.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     done = out / "points" / "seed=0" / "point.json"
     deadline = time.monotonic() + 120
     while not done.exists() and time.monotonic() < deadline:

@@ -56,3 +56,15 @@ def test_main_sections_subset_and_refusal(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         layers.main(["--sections", "convs"])
     assert "norm,blocks" in capsys.readouterr().err
+
+
+def test_write_results_writes_both_files_and_keeps_an_earlier_one_on_failure(tmp_path):
+    from workbench.benchmarks import write_results
+
+    write_results(tmp_path, "demo-cpu", [{"ratio": 1.5}], "| a |")
+    assert json.loads((tmp_path / "demo-cpu.json").read_text()) == [{"ratio": 1.5}]
+    assert (tmp_path / "demo-cpu.md").read_text() == "| a |\n"
+    with pytest.raises(TypeError):
+        write_results(tmp_path, "demo-cpu", [{"ratio": object()}], "| b |")
+    assert json.loads((tmp_path / "demo-cpu.json").read_text()) == [{"ratio": 1.5}], "earlier result intact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-cpu.json", "demo-cpu.md"]

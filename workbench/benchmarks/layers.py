@@ -14,11 +14,11 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from workbench.benchmarks import write_results
 from workbench.device import describe_device, resolve_device
 
 BATCH = 128
@@ -206,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, header)
     print("\n" + table, flush=True)
     if args.output:
-        from workbench.io import write_json_atomic, write_text_atomic
-
-        out = Path(args.output)
-        write_json_atomic(out / f"layers-{device.type}.json", {"header": header, "rows": rows})
-        write_text_atomic(out / f"layers-{device.type}.md", table)
+        write_results(args.output, f"layers-{device.type}", {"header": header, "rows": rows}, table)
     over = [r["shape"] + " " + r["mode"] for r in rows if r["section"] == "norm" and not r["within_target"]]
     print(f"IEBN2d over target at: {', '.join(over)}" if over else "IEBN2d within target at every shape", flush=True)
     return 0

@@ -12,16 +12,15 @@ Targets: overhead <= 1.1x at the default schedules, vmap >= 3x faster than the l
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.benchmarks import write_results
 from workbench.callbacks import Callback
 from workbench.device import describe_device, resolve_device
 from workbench.probes import BNEstimationNoise, CouplingGap, GradientNoiseScale, GradientSNR
@@ -217,10 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     text = format_tables(overhead, vmap)
     print(text, flush=True)
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "probes.json").write_text(json.dumps({"device": describe_device(device), "width": args.width,
-                                                     "batch_size": args.batch_size, "overhead": overhead,
-                                                     "vmap": vmap}, indent=2))
-        (out / "probes.md").write_text(text + "\n")
+        write_results(args.output, "probes", {"device": describe_device(device), "width": args.width,
+                                              "batch_size": args.batch_size, "overhead": overhead, "vmap": vmap},
+                      text)
     return 0

@@ -19,12 +19,11 @@ under ``inference_mode`` with inductor's freezing), closer to a deployed network
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from workbench.benchmarks import write_results
 from workbench.device import resolve_device
 
 TARGET_EFFICIENCY = 0.8
@@ -137,8 +136,5 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['efficiency']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
     print("\n".join(lines), flush=True)
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"pruning-{device.type}.json").write_text(json.dumps(rows, indent=2))
-        (out / f"pruning-{device.type}.md").write_text("\n".join(lines) + "\n")
+        write_results(args.output, f"pruning-{device.type}", rows, "\n".join(lines))
     return 0

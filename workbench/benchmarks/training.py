@@ -8,12 +8,11 @@ and every variant is reported against plain BN measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
+from workbench.benchmarks import write_results
 from workbench.device import autocast_dtype, describe_device, resolve_device
 
 EPOCH_IMAGES = 50_000
@@ -92,8 +91,5 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['epoch_s']:.1f} | {r['ratio_vs_bn']:.2f}x |")
     print("\n".join(lines), flush=True)
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"training-{device.type}.json").write_text(json.dumps(rows, indent=2))
-        (out / f"training-{device.type}.md").write_text("\n".join(lines) + "\n")
+        write_results(args.output, f"training-{device.type}", rows, "\n".join(lines))
     return 0

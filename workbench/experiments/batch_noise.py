@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from workbench.data import get_dataset, make_loader
 from workbench.data.mixed import SHIFTS, MixedDataset, ShiftedDataset, SourceBatchSampler, per_source_accuracy
 from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.experiments.quickstart import default_recipe
 from workbench.noise import NOISE_KINDS, batch_stat_noise
 from workbench.params import COMMON, Param, validate
 from workbench.probes import (
@@ -144,9 +145,6 @@ def _datasets(dataset: str, image_size: int | None = None) -> tuple[Any, Any]:
     return get_dataset(dataset, "train", augment=True, **options), get_dataset(dataset, "test", **options)
 
 
-NO_NORM_LR = 0.002
-
-
 def build(model: str, norm: str, num_classes: int, width: float) -> nn.Module:
     """The network of one run, official init for every norm. (Zero-initialised residual branches
     for the no-norm network trained worse with AdamW: 0.68/0.78 against 0.79/0.84 test accuracy, two
@@ -182,9 +180,12 @@ def train_one(norm: str, level: float, batch_size: int, seed: int, *, kind: str 
     # 0.37 +- 0.17 in the quick preset); it trains with the quickstart's no-norm recipe instead:
     # AdamW at 0.002 (not scaled with the batch: Adam's step size does not grow with the gradient's
     # size) and the gradient norm clipped at 1.0.
-    no_norm = norm == "none"
-    run_lr = NO_NORM_LR if no_norm else lr * batch_size / REFERENCE_LR_BATCH
-    optimizer = make_optimizer(net, "adamw" if no_norm else "sgd", run_lr, weight_decay=5e-4)
+    if norm == "none":
+        recipe = default_recipe("none")
+        optimizer_kind, run_lr, grad_clip = recipe["optimizer"], recipe["lr"], recipe["grad_clip"]
+    else:
+        optimizer_kind, run_lr, grad_clip = "sgd", lr * batch_size / REFERENCE_LR_BATCH, None
+    optimizer = make_optimizer(net, optimizer_kind, run_lr, weight_decay=5e-4)
     steps = epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=run_lr, total_steps=steps, pct_start=0.15)
     started = time.perf_counter()
@@ -196,7 +197,7 @@ def train_one(norm: str, level: float, batch_size: int, seed: int, *, kind: str 
     try:
         result = fit(net, train_loader, None, epochs, optimizer=optimizer, scheduler=scheduler,
                      scheduler_interval="step", callbacks=[*([noise] if noise else []), *callbacks, _StepLog(log)],
-                     device=dev, progress=False, grad_clip=1.0 if no_norm else None)
+                     device=dev, progress=False, grad_clip=grad_clip)
         history = result.history
     except NonFiniteLossError:
         # strong noise can blow training up: that is a result (chance accuracy), not a crash

@@ -54,14 +54,21 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     params = validate(params, PARAMETERS, where="00_quickstart")
     if params.get("epochs") is None:
         params["epochs"] = PRESET_EPOCHS[params["preset"]]
-    recipe = default_recipe(params.get("norm", "bn"))
-    if params.get("optimizer") is None:
-        params["optimizer"] = recipe["optimizer"]
-    if params.get("lr") is None:
-        params["lr"] = DEFAULT_LR[params["optimizer"]]
-    if params.get("grad_clip") is None:
-        params["grad_clip"] = recipe["grad_clip"]
+    params["optimizer"], params["lr"], params["grad_clip"] = fill_recipe(
+        params.get("norm", "bn"), params.get("optimizer"), params.get("lr"), params.get("grad_clip"))
     return params
+
+
+def fill_recipe(norm: str, optimizer: str | None, lr: float | None,
+                grad_clip: float | None) -> tuple[str, float, float]:
+    """``(optimizer, lr, grad_clip)`` with each ``None`` taken from :func:`default_recipe` for ``norm``;
+    a ``None`` lr follows the optimiser actually used."""
+    recipe = default_recipe(norm)
+    optimizer = recipe["optimizer"] if optimizer is None else optimizer
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not valid; allowed: {OPTIMIZERS}")
+    return (optimizer, DEFAULT_LR[optimizer] if lr is None else lr,
+            recipe["grad_clip"] if grad_clip is None else grad_clip)
 
 
 def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "none", width: float = 1.0,
@@ -71,12 +78,7 @@ def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "
     """Train ``model`` on digits with a one-cycle schedule; return history, test metrics, confusion.
     ``optimizer``, ``lr`` and ``grad_clip`` left at ``None`` follow :func:`default_recipe` for ``norm``
     (``grad_clip=0`` turns clipping off)."""
-    recipe = default_recipe(norm)
-    optimizer = recipe["optimizer"] if optimizer is None else optimizer
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not valid; allowed: {OPTIMIZERS}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    grad_clip = recipe["grad_clip"] if grad_clip is None else grad_clip
+    optimizer, lr, grad_clip = fill_recipe(norm, optimizer, lr, grad_clip)
     from workbench.models import build_model
 
     dev = resolve_device(device)

@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from workbench.callbacks import Callback
+from workbench.train import unwrap
 
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 NESTED = ("noise", "sparsity", "probes")
@@ -531,12 +532,6 @@ class Training:
     interval: str
     task: str
     callbacks: list[Callback]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    from workbench.train import unwrap as _unwrap
-
-    return _unwrap(model)
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

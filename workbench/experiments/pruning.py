@@ -37,6 +37,7 @@ from torch import nn
 
 from workbench.data import get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.experiments.attention import limit_cpu_threads
 from workbench.params import COMMON, Param, validate
 from workbench.pruning import (
     BNScaleRecorder,
@@ -102,12 +103,6 @@ def _loaders(batch_size: int, seed: int, train_scenes: int, test_scenes: int):
             train_set)
 
 
-def _limit_threads(threads: int | None, device: torch.device):
-    from workbench.experiments.attention import limit_cpu_threads
-
-    return limit_cpu_threads(threads, device)
-
-
 def _segment_metrics(model: nn.Module, loader: Any, device: torch.device, num_classes: int) -> dict:
     m = evaluate(model, loader, device, task="segmentation", num_classes=num_classes)
     return {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "per_class_iou": m["per_class_iou"]}
@@ -150,7 +145,7 @@ def train_run(regime: str, *, model: str = "pspnet_resnet18", norm: str = "bn", 
     steps = max(1, epochs * len(train_loader))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     started = time.perf_counter()
-    with _limit_threads(cpu_threads, dev):
+    with limit_cpu_threads(cpu_threads, dev):
         result = fit(net, train_loader, test_loader, epochs, optimizer=opt, scheduler=scheduler,
                      scheduler_interval="step", callbacks=callbacks, device=dev, task="segmentation",
                      num_classes=num_classes, progress=progress)
@@ -199,7 +194,7 @@ def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequenc
     latency_inputs = next(iter(test_loader))[0][:latency_batch].to(dev)
     attention_batches = [x for x, _ in list(test_loader)[:2]]
     rows = []
-    with _limit_threads(cpu_threads, dev):
+    with limit_cpu_threads(cpu_threads, dev):
         for method in methods:
             source = runs[SOURCE_OF[method]]
             base = source["model"].to(dev)

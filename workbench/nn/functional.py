@@ -14,7 +14,9 @@ times (1.4-1.9x BN on CPU).
 Two eager paths share the same kernels and hand-derived chain rule:
 
 - :func:`iebn_train_fused`: moments, gate and normalisation in one autograd node (the default in
-  training, lowest per-call overhead);
+  training, lowest per-call overhead). For contiguous float32/float64 CPU input its forward and
+  backward are each one call into a C++ kernel (:mod:`workbench.nn.native`, same math) when that
+  kernel builds; the ATen-op version below is the fallback and the reference it is tested against;
 - :func:`plane_moments` then :func:`gated_batch_norm`: the moments, the statistics and the gate
   stay ordinary tensors in between, so a statistics transform, a cross-process all-reduce or a
   hook on the gate act on them with autograd flowing through. The two nodes cooperate so that the
@@ -34,6 +36,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from workbench.nn.native import iebn_cpu_available
 
 # Above this ratio of squared batch mean to batch variance the one-pass E[x^2] - E[x]^2 keeps too
 # few float32 digits (relative error ~ eps * (1 + ratio)); the variance is then recomputed with a
@@ -198,6 +202,16 @@ def _norm_backward(sum_gx: Tensor, sum_g: Tensor, mean: Tensor, rstd: Tensor, ga
     return neg_g_mean, g_var, g_w, g_b, g_gate
 
 
+def _native_ready(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the C++ CPU kernel takes this call: contiguous float32/float64 CPU input, parameters
+    of the same dtype (or absent)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
+        return False
+    if any(p is not None and (p.dtype != x.dtype or p.device.type != "cpu") for p in params):
+        return False
+    return iebn_cpu_available()
+
+
 class _FusedIEBN(torch.autograd.Function):
     """Training-mode IEBN in one node: moments, gate, normalisation; returns ``y`` and the
     (non-differentiable) batch mean and biased variance for the running statistics."""
@@ -206,6 +220,16 @@ class _FusedIEBN(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, attn_weight: Tensor,
                 attn_bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
+        ctx.native = _native_ready(x, weight, bias, attn_weight, attn_bias)
+        if ctx.native:
+            ones, zeros = _unit_stats(x.shape[1], x.dtype, x.device)[::-1]
+            w = ones if weight is None else weight.contiguous()
+            b = zeros if bias is None else bias.contiguous()
+            y, gap, mean, var, rstd, gate, scale = torch.ops.workbench_iebn.forward(
+                x, w, b, attn_weight.contiguous(), attn_bias.contiguous(), eps)
+            ctx.save_for_backward(x, gap, mean, rstd, w, gate, scale, attn_weight)
+            ctx.mark_non_differentiable(mean, var)
+            return y, mean, var
         gap, mean, var = _moments_forward(x)
         gate = torch.sigmoid(torch.addcmul(attn_bias, attn_weight, gap))
         y, rstd, gamma_rstd, scale = _norm_forward(x, mean, var, weight, bias, gate, eps)
@@ -218,9 +242,15 @@ class _FusedIEBN(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor | None, _g_mean, _g_var):
         if grad_out is None:
             return None, None, None, None, None, None
-        x, gap, mean, rstd, gamma_rstd, weight, gate, scale, attn_weight = ctx.saved_tensors
         need_x, need_w, need_b, need_aw, need_ab = ctx.needs_input_grad[:5]
         grad_out = grad_out.contiguous()
+        if ctx.native:
+            x, gap, mean, rstd, weight, gate, scale, attn_weight = ctx.saved_tensors
+            gx, g_w, g_b, g_aw, g_ab = torch.ops.workbench_iebn.backward(
+                grad_out, x, gap, mean, rstd, weight, gate, scale, attn_weight.contiguous(), need_x)
+            return (gx if need_x else None, g_w if need_w else None, g_b if need_b else None,
+                    g_aw if need_aw else None, g_ab if need_ab else None, None)
+        x, gap, mean, rstd, gamma_rstd, weight, gate, scale, attn_weight = ctx.saved_tensors
         _, sum_gx, sum_g = _plane_sums(x, grad_out, scale, False, True)
         neg_g_mean, g_var, g_w, g_b, g_gate = _norm_backward(
             sum_gx, sum_g, mean, rstd, gamma_rstd, weight, gate, scale, (need_x, need_x, need_w, need_b, True))

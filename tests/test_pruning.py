@@ -303,7 +303,7 @@ def test_benchmark_quick_runs(capsys) -> None:
 
     assert main(["--quick", "--models", "pspnet_resnet18", "--ratios", "0.5", "--runs", "1", "--size", "32", "32"]) == 0
     out = capsys.readouterr().out
-    assert "pspnet_resnet18 | 0.50" in out and "efficiency" in out
+    assert "pspnet_resnet18 | eager | 0.50" in out and "efficiency" in out
 
 
 def _resnet_cases() -> list:

@@ -12,8 +12,24 @@ threshold meaningless). Latency depends only on the pruned shapes, not on the we
 Kept channel counts are rounded up to multiples of ``--round-to`` (default 8): convolution kernels
 (tensor cores, oneDNN's blocked layouts) slow down a lot on odd channel counts, which the FLOPs
 count does not see. On CUDA the models run channels-last with cuDNN autotuning for every shape, the
-baseline included. ``--compile`` times ``torch.compile``d models (BN folded into the convolutions
-under ``inference_mode`` with inductor's freezing), closer to a deployed network.
+baseline included. Every latency is taken under ``torch.inference_mode()``, the baseline and its
+pruned copies interleaved round by round (load from other processes hits them alike).
+
+``--modes`` picks the form the networks are timed in, each against a baseline in the same form:
+
+- ``eager``: the modules as trained, every BN a separate memory pass;
+- ``fold-bn``: eager with each BN folded into the convolution feeding it
+  (:func:`workbench.pruning.fold.fold_batchnorm`), as any inference engine deploys it. A BN pass
+  costs time proportional to channels, a convolution to channels squared, so unfolded BNs take a
+  growing share of a pruned network's time that a deployed one would not spend;
+- ``compile``: ``torch.compile`` with inductor's freezing (BN folded, element-wise ops fused into
+  the convolutions' neighbours), static shapes for every model.
+
+What FLOPs do not see still bounds the speedup: pooling, unpooling, ReLU and concatenation shrink
+only linearly with channels, and the layers around the fixed-size ends (the stem convolution on
+3 input channels, the classifier with ``num_classes`` outputs at full resolution, the logits'
+resize to the input size) barely shrink at all. ``--breakdown`` (CPU) profiles each network and
+reports the share of its time spent outside convolutions, before and after pruning.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ from workbench.benchmarks import write_results
 from workbench.device import resolve_device
 
 TARGET_EFFICIENCY = 0.8
+MODES = ("eager", "fold-bn", "compile")
 FULL = {"models": ("segnet", "pspnet_resnet50", "icnet"), "width": 1.0, "size": (128, 256), "runs": 10}
 QUICK = {"models": ("segnet", "pspnet_resnet18", "icnet"), "width": 0.25, "size": (64, 64), "runs": 5}
 
@@ -45,12 +62,51 @@ def randomise_scales(model: nn.Module, seed: int = 0) -> None:
                 m.weight.copy_(torch.rand(m.num_features, generator=g).to(m.weight) + 0.01)
 
 
+def _deploy_form(model: nn.Module, mode: str, example: torch.Tensor) -> nn.Module:
+    if mode == "fold-bn":
+        from workbench.pruning.fold import fold_batchnorm
+
+        return fold_batchnorm(model, example)
+    if mode == "compile":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        # static: every pruned shape gets its own kernels, as the baseline does (no automatic dynamic shapes)
+        return torch.compile(model, dynamic=False)
+    return model
+
+
+@torch.inference_mode()
+def time_breakdown(model: nn.Module, inputs: torch.Tensor, runs: int = 2) -> dict[str, float]:
+    """Milliseconds per forward in convolutions and in everything else (self CPU time, torch.profiler)."""
+    model(inputs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            model(inputs)
+    conv = other = 0.0
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / runs / 1e3
+        if "conv" in event.key:
+            conv += ms
+        else:
+            other += ms
+    return {"conv_ms": conv, "other_ms": other}
+
+
 def bench_model(name: str, ratios: tuple[float, ...], device: torch.device, width: float, size: tuple[int, int],
                 batch_size: int = 8, runs: int = 10, num_classes: int = 19, method: str = "slimming",
-                channels_last: bool = False, round_to: int | None = 8, compile: bool = False) -> list[dict]:
+                channels_last: bool = False, round_to: int | None = 8, modes: tuple[str, ...] = ("eager",),
+                breakdown: bool = False) -> list[dict]:
+    """One row per (mode, ratio): the pruned network against the unpruned one, both in that mode."""
     from workbench.models.segmentation import SEGMENTATION_MODELS
-    from workbench.pruning import measure_latency, prune
+    from workbench.pruning import prune
+    from workbench.pruning.cost import measure_latencies
 
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes={tuple(modes)!r} is not valid; allowed: a non-empty subset of {MODES}")
+    if breakdown and device.type != "cpu":
+        raise ValueError(f"breakdown=True needs device cpu (torch.profiler's CPU time), got {device}")
     torch.manual_seed(0)
     model = SEGMENTATION_MODELS[name](num_classes, width=width).to(device).eval()
     randomise_scales(model)
@@ -58,38 +114,71 @@ def bench_model(name: str, ratios: tuple[float, ...], device: torch.device, widt
     batch = torch.randn(batch_size, 3, *size, device=device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     batch = batch.to(memory_format=fmt)
-
-    def timed(m: nn.Module) -> float:
-        m = m.to(memory_format=fmt).eval()
-        if compile:
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True
-            m = torch.compile(m)
-        return measure_latency(m, batch, runs=runs, warmup=5 if compile else 3)
-
-    base = timed(model)
+    nets, reports = [model], [None]
+    for r in ratios:
+        pruned, report = prune(model, r, trace_input, method=method, round_to=round_to, latency=False)
+        nets.append(pruned)
+        reports.append(report)
     rows = []
-    for ratio in ratios:
-        pruned, report = prune(model, ratio, trace_input, method=method, round_to=round_to, latency=False)
-        after = timed(pruned)
-        speedup = base / after
-        rows.append({
-            "model": name, "width": width, "input": [batch_size, 3, *size], "ratio": ratio, "method": method,
-            "params_before": report.params_before, "params_after": report.params_after,
-            "gflops_before": report.flops_before * batch_size / 1e9,
-            "gflops_after": report.flops_after * batch_size / 1e9,
-            "flops_ratio": report.flops_ratio, "latency_ms_before": base, "latency_ms_after": after,
-            "speedup": speedup, "efficiency": speedup / report.flops_ratio,
-            "meets_target": speedup >= TARGET_EFFICIENCY * report.flops_ratio,
-            "device": str(device), "channels_last": channels_last, "round_to": round_to, "compile": compile,
-        })
-        del pruned
+    for mode in modes:
+        if mode == "compile":
+            torch._dynamo.reset()  # each model starts from a clean cache, clear of dynamo's recompile limit
+        forms = [_deploy_form(net.to(memory_format=fmt).eval(), mode, trace_input.to(memory_format=fmt))
+                 for net in nets]
+        base, *after = measure_latencies(forms, batch, runs=runs, warmup=5 if mode == "compile" else 3)
+        parts = [time_breakdown(f, batch) for f in forms] if breakdown else None
+        for i, (ratio, report, lat) in enumerate(zip(ratios, reports[1:], after), start=1):
+            speedup = base / lat
+            row = {
+                "model": name, "mode": mode, "width": width, "input": [batch_size, 3, *size], "ratio": ratio,
+                "method": method, "params_before": report.params_before, "params_after": report.params_after,
+                "gflops_before": report.flops_before * batch_size / 1e9,
+                "gflops_after": report.flops_after * batch_size / 1e9,
+                "flops_ratio": report.flops_ratio, "latency_ms_before": base, "latency_ms_after": lat,
+                "speedup": speedup, "efficiency": speedup / report.flops_ratio,
+                "meets_target": speedup >= TARGET_EFFICIENCY * report.flops_ratio,
+                "device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "channels_last": channels_last, "round_to": round_to, "compile": mode == "compile",
+            }
+            if parts:
+                row.update({f"{k}_before": v for k, v in parts[0].items()})
+                row.update({f"{k}_after": v for k, v in parts[i].items()})
+            rows.append(row)
+        del forms
     return rows
 
 
+def _share(row: dict, when: str) -> float:
+    return row[f"other_ms_{when}"] / (row[f"conv_ms_{when}"] + row[f"other_ms_{when}"])
+
+
+def format_table(rows: list[dict], header: str) -> str:
+    breakdown = bool(rows) and "conv_ms_before" in rows[0]
+    columns = ["model", "mode", "ratio", "params", "GFLOPs", "FLOPs ratio", "latency ms", "speedup", "efficiency",
+               "target"]
+    if breakdown:
+        columns += ["non-conv time", "conv speedup"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in rows:
+        line = (f"| {r['model']} | {r['mode']} | {r['ratio']:.2f} | "
+                f"{r['params_before'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M | "
+                f"{r['gflops_before']:.2f} -> {r['gflops_after']:.2f} | {r['flops_ratio']:.2f}x | "
+                f"{r['latency_ms_before']:.1f} -> {r['latency_ms_after']:.1f} | {r['speedup']:.2f}x | "
+                f"{r['efficiency']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
+        if breakdown:
+            line += (f" {_share(r, 'before'):.0%} -> {_share(r, 'after'):.0%} | "
+                     f"{r['conv_ms_before'] / r['conv_ms_after']:.2f}x |")
+        lines.append(line)
+    if breakdown:
+        lines += ["", "non-conv time: share of the profiled CPU time outside convolutions (pooling, unpooling, BN, "
+                  "ReLU, resize, concat, adds), unpruned -> pruned; conv speedup: convolution time alone, "
+                  "unpruned / pruned."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="workbench bench pruning", description=__doc__)
+    parser = argparse.ArgumentParser(prog="workbench bench pruning", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--models", nargs="+", help="segmentation model names (default depends on --quick)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
@@ -101,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-format", default="auto", choices=["auto", "contiguous", "channels_last"],
                         help="auto: channels_last on CUDA, contiguous elsewhere")
     parser.add_argument("--round-to", type=int, default=8, help="kept channels per layer rounded up to this; 0: off")
-    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (inductor, freezing)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                        help="forms to time, each against its own baseline (default: eager)")
+    parser.add_argument("--compile", action="store_true", help="same as --modes compile")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op CPU threads (default: torch's current setting); recorded in the header")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CPU only: profile the time spent outside convolutions, before and after pruning")
     parser.add_argument("--quick", action="store_true", help="small widths and 64x64 inputs (CPU smoke run)")
     parser.add_argument("--output", help="write JSON and a markdown table to this folder")
     args = parser.parse_args(argv)
@@ -109,7 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in args.ratios:
         if not 0 <= r < 1:
             parser.error(f"--ratios: {r} is not in [0, 1)")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads={args.threads} must be >= 1")
+    modes = list(args.modes or []) + (["compile"] if args.compile else [])
+    modes = tuple(dict.fromkeys(modes or ["eager"]))
     device = resolve_device(args.device)
+    if args.breakdown and device.type != "cpu":
+        parser.error(f"--breakdown needs --device cpu (profiled CPU time), got {device}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     channels_last = args.memory_format == "channels_last" or (args.memory_format == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # each shape (baseline and pruned alike) gets its best kernel
@@ -121,20 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         rows += bench_model(name, tuple(args.ratios), device, width, size, args.batch_size, runs,
                             method=args.method, channels_last=channels_last, round_to=args.round_to or None,
-                            compile=args.compile)
+                            modes=modes, breakdown=args.breakdown)
     header = (f"pruning: latency speedup vs FLOPs ratio, batch {args.batch_size}, input {size[0]}x{size[1]}, "
-              f"width {width}, {_describe(device)}, {'channels_last' if channels_last else 'contiguous'}, "
-              f"round_to {args.round_to or 'off'}{', compiled' if args.compile else ''}; "
+              f"width {width}, {_describe(device)}, torch {torch.__version__}, "
+              f"{'channels_last' if channels_last else 'contiguous'}, round_to {args.round_to or 'off'}, "
+              f"modes {'/'.join(modes)}, median of {runs} interleaved runs; "
               f"target speedup >= {TARGET_EFFICIENCY} x FLOPs ratio")
-    columns = ("model", "ratio", "params", "GFLOPs", "FLOPs ratio", "latency ms", "speedup", "efficiency", "target")
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['ratio']:.2f} | {r['params_before'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M | "
-            f"{r['gflops_before']:.2f} -> {r['gflops_after']:.2f} | {r['flops_ratio']:.2f}x | "
-            f"{r['latency_ms_before']:.1f} -> {r['latency_ms_after']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['efficiency']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
-    print("\n".join(lines), flush=True)
+    table = format_table(rows, header)
+    print(table, flush=True)
     if args.output:
-        write_results(args.output, f"pruning-{device.type}", rows, "\n".join(lines))
+        write_results(args.output, f"pruning-{device.type}", rows, table)
     return 0

@@ -93,26 +93,47 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-@torch.inference_mode()
 def measure_latency(model: nn.Module, inputs: Any, runs: int = 10, warmup: int = 3) -> float:
-    """Median wall time of one eval-mode forward, in milliseconds, on the device ``inputs`` live on."""
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs={runs!r} must be >= 1 and warmup={warmup!r} >= 0")
+    """Median wall time of one eval-mode forward, in milliseconds, on the device ``inputs`` live on.
+
+    Runs under ``torch.inference_mode()``: no autograd graph, no saved activations, as at deployment.
+    The training flags of every submodule are restored afterwards.
+    """
+    return measure_latencies([model], inputs, runs=runs, warmup=warmup)[0]
+
+
+@torch.inference_mode()
+def measure_latencies(models: Sequence[nn.Module], inputs: Any, runs: int = 10, warmup: int = 3) -> list[float]:
+    """:func:`measure_latency` of several models on the same inputs, interleaved: each round runs every
+    model once, so load from other processes (a shared machine) hits all of them alike and ratios
+    between them stay meaningful. Medians in milliseconds, in the order of ``models``."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs={runs!r} must be an integer >= 1")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r} must be an integer >= 0")
+    models = list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise ValueError(f"models must be a non-empty sequence of nn.Module, got {models!r:.80}")
     args = _as_args(inputs)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise ValueError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
     device = args[0].device
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
+    was_training = {m: m.training for model in models for m in model.modules()}
+    for model in models:
+        model.eval()
     try:
         for _ in range(warmup):
-            model(*args)
+            for model in models:
+                model(*args)
         _sync(device)
-        times = []
+        times: list[list[float]] = [[] for _ in models]
         for _ in range(runs):
-            start = time.perf_counter()
-            model(*args)
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
+            for model, t in zip(models, times):
+                start = time.perf_counter()
+                model(*args)
+                _sync(device)
+                t.append((time.perf_counter() - start) * 1e3)
     finally:
         for m, mode in was_training.items():
             m.training = mode
-    return statistics.median(times)
+    return [statistics.median(t) for t in times]

@@ -1,0 +1,138 @@
+"""Latency measurement (inference mode, interleaving, flags), BN folding, and the pruning benchmark's modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from workbench.models.segmentation import SEGMENTATION_MODELS
+from workbench.pruning import measure_latency
+from workbench.pruning.cost import measure_latencies
+from workbench.pruning.fold import fold_batchnorm
+
+
+class Spy(nn.Module):
+    """Records the autograd state each forward ran under, and the order of calls across instances."""
+
+    def __init__(self, log: list | None = None, tag: str = "") -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.child = nn.Dropout(0.5)
+        self.log, self.tag, self.seen = log, tag, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.child(self.lin(x))
+        self.seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), out.grad_fn, self.training))
+        if self.log is not None:
+            self.log.append(self.tag)
+        return out
+
+
+def test_latency_runs_in_inference_mode_without_graph() -> None:
+    spy = Spy()
+    assert measure_latency(spy, torch.randn(2, 4), runs=2, warmup=1) > 0
+    assert len(spy.seen) == 3
+    assert all(inf and not grad and fn is None and not training for inf, grad, fn, training in spy.seen)
+
+
+def test_latency_restores_training_flags() -> None:
+    spy = Spy().train()
+    spy.child.eval()  # mixed flags must come back as they were, not all-train
+    measure_latency(spy, torch.randn(2, 4), runs=1, warmup=0)
+    assert spy.training and spy.lin.training and not spy.child.training
+
+
+def test_latencies_are_interleaved() -> None:
+    log: list[str] = []
+    a, b = Spy(log, "a"), Spy(log, "b")
+    times = measure_latencies([a, b], torch.randn(2, 4), runs=3, warmup=1)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert log == ["a", "b"] * 4
+
+
+@pytest.mark.parametrize("kwargs", [{"runs": 0}, {"runs": 1.5}, {"warmup": -1}, {"warmup": True}])
+def test_latency_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        measure_latency(Spy(), torch.randn(2, 4), **kwargs)
+    with pytest.raises(ValueError, match="models"):
+        measure_latencies([], torch.randn(2, 4))
+
+
+def _random_stats(model: nn.Module) -> nn.Module:
+    # non-trivial running statistics and shifts, so a wrong fold cannot pass unnoticed
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,width", [("segnet", 0.125), ("pspnet_resnet18", 0.125), ("icnet", 0.125)])
+def test_fold_batchnorm_segmentation(name: str, width: float) -> None:
+    torch.manual_seed(0)
+    model = _random_stats(SEGMENTATION_MODELS[name](5, width=width))
+    x = torch.randn(2, 3, 32, 32)
+    folded = fold_batchnorm(model, x[:1])
+    left = [n for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(n.startswith("aux_head.") for n in left)  # the training-only head never runs in eval
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left alone
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_skips_iebn_and_in_place_changes() -> None:
+    from workbench.nn import IEBN2d
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.relu_(self.conv(x)))  # BN sees relu(conv), not conv: must stay
+
+    model = _random_stats(nn.Sequential(nn.Conv2d(3, 4, 3), IEBN2d(4), InPlace()))
+    folded = fold_batchnorm(model, torch.randn(1, 3, 12, 12))
+    assert isinstance(folded[1], IEBN2d) and isinstance(folded[2].bn, nn.BatchNorm2d)
+
+
+def test_fold_refuses_a_shared_conv_output() -> None:
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(y) + y  # folding would change the skip path too
+
+    with pytest.raises(RuntimeError, match="changed the output"):
+        fold_batchnorm(_random_stats(Branch()), torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="rtol"):
+        fold_batchnorm(Branch(), torch.randn(1, 3, 8, 8), rtol=0)
+    with pytest.raises(ValueError, match="example_inputs"):
+        fold_batchnorm(Branch(), None)
+
+
+def test_benchmark_modes_threads_breakdown(capsys) -> None:
+    from workbench.benchmarks.pruning import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--quick", "--models", "icnet", "--ratios", "0.5", "--runs", "1", "--size", "32", "32",
+                     "--modes", "eager", "fold-bn", "--threads", "1", "--breakdown"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "cpu (1 threads)" in out and "modes eager/fold-bn" in out
+    assert "| icnet | eager | 0.50 |" in out and "| icnet | fold-bn | 0.50 |" in out and "non-conv time" in out
+    with pytest.raises(SystemExit):
+        main(["--quick", "--threads", "0"])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--modes", "jit"])

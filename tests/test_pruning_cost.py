@@ -111,8 +111,10 @@ def test_fold_refuses_a_shared_conv_output() -> None:
             y = self.conv(x)
             return self.bn(y) + y  # folding would change the skip path too
 
+    tf32 = torch.backends.cudnn.allow_tf32
     with pytest.raises(RuntimeError, match="changed the output"):
         fold_batchnorm(_random_stats(Branch()), torch.randn(1, 3, 8, 8))
+    assert torch.backends.cudnn.allow_tf32 == tf32  # the check's TF32 switch is undone
     with pytest.raises(ValueError, match="rtol"):
         fold_batchnorm(Branch(), torch.randn(1, 3, 8, 8), rtol=0)
     with pytest.raises(ValueError, match="example_inputs"):

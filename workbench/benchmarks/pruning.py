@@ -62,11 +62,12 @@ def randomise_scales(model: nn.Module, seed: int = 0) -> None:
                 m.weight.copy_(torch.rand(m.num_features, generator=g).to(m.weight) + 0.01)
 
 
-def _deploy_form(model: nn.Module, mode: str, example: torch.Tensor) -> nn.Module:
+def _deploy_form(model: nn.Module, mode: str, example: torch.Tensor, fmt: torch.memory_format) -> nn.Module:
+    model = model.to(memory_format=fmt).eval()
     if mode == "fold-bn":
         from workbench.pruning.fold import fold_batchnorm
 
-        return fold_batchnorm(model, example)
+        return fold_batchnorm(model, example).to(memory_format=fmt)  # folded weights in the same layout
     if mode == "compile":
         import torch._inductor.config as inductor_config
 
@@ -133,8 +134,7 @@ def bench_model(name: str, ratios: tuple[float, ...], device: torch.device, widt
     for mode in modes:
         if mode == "compile":
             torch._dynamo.reset()  # each model starts from a clean cache, clear of dynamo's recompile limit
-        forms = [_deploy_form(net.to(memory_format=fmt).eval(), mode, trace_input.to(memory_format=fmt))
-                 for net in nets]
+        forms = [_deploy_form(net, mode, trace_input.to(memory_format=fmt), fmt) for net in nets]
         base, *after = measure_latencies(forms, batch, runs=runs, warmup=5 if mode == "compile" else 3)
         parts = time_breakdown(forms, batch) if breakdown else None
         for i, (ratio, report, lat) in enumerate(zip(ratios, reports[1:], after), start=1):

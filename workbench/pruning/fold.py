@@ -106,11 +106,15 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any, rtol: float = 1e-3) ->
         _set(folded, conv_name, fuse_conv_bn_eval(conv, bn))
         _set(folded, bn_name, nn.Identity())
     was_training = {m: m.training for m in model.modules()}
+    tf32 = torch.backends.cudnn.allow_tf32
     model.eval()
     try:
+        # TF32 convolutions (cuDNN's default) would blur a real mismatch into rounding noise
+        torch.backends.cudnn.allow_tf32 = False
         with torch.no_grad():
             expected, got = _flat(model(*args)), _flat(folded(*args))
     finally:
+        torch.backends.cudnn.allow_tf32 = tf32
         for m, mode in was_training.items():
             m.training = mode
     for e, g in zip(expected, got, strict=True):

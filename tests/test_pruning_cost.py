@@ -132,7 +132,7 @@ def test_benchmark_modes_threads_breakdown(capsys) -> None:
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "cpu (1 threads)" in out and "modes eager/fold-bn" in out
+    assert "cpu (1 threads)" in out and "modes eager/fold-bn" in out and "channels_last" in out
     assert "| icnet | eager | 0.50 |" in out and "| icnet | fold-bn | 0.50 |" in out and "non-conv time" in out
     with pytest.raises(SystemExit):
         main(["--quick", "--threads", "0"])

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One GPU session's checks, run on the lent device machine (image: Python 3.12, torch 2.11, no network):
+#   device run, carry [".whl"], command: bash benchmarks/gpu_session.sh
+# .whl holds the wheels the image lacks (torch-pruning, captum, plotly; see the device README).
+# Each step has its own time limit so one slow step cannot starve the rest; everything lands in
+# $OUT/gpu-results.tgz (JSON + markdown per benchmark) and $OUT/gpu-session.log.
+set -u
+OUT=${OUT:-/tmp/out}
+RES=/tmp/gpu-results
+mkdir -p "$OUT" "$RES"
+LOG="$OUT/gpu-session.log"
+exec > >(tee "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+DEADLINE=${DEADLINE:-520}  # seconds for the whole session; a step never runs past it
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 20 ]; then echo "=== $name: skipped, ${left}s left"; return; fi
+  if [ "$limit" -gt "$left" ]; then limit=$left; fi
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@"; local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+}
+W="python3 -m workbench.cli"
+step gpu-tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nn_iebn.py tests/test_device.py tests/test_attention_recorders.py
+step layers-eager 45 $W bench layers --device cuda --modes eager --output "$RES/layers-eager"
+step probes 60 $W bench probes --device cuda --output "$RES/probes"
+step training 75 $W bench training --device cuda --steps 20 --output "$RES/training"
+step pruning 90 $W bench pruning --device cuda --models segnet pspnet_resnet50 icnet --size 256 512 \
+  --modes eager fold-bn --runs 20 --output "$RES/pruning"
+step layers-compile 90 $W bench layers --device cuda --modes compile --shapes stages --output "$RES/layers-compile"
+step pruning-compile 120 $W bench pruning --device cuda --models pspnet_resnet50 segnet --size 256 512 \
+  --ratios 0.5 0.7 --modes compile --runs 20 --output "$RES/pruning-compile"
+tar czf "$OUT/gpu-results.tgz" -C "$RES" .
+echo "session done in ${SECONDS}s"

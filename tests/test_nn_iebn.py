@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import workbench.nn.functional as wf
+import workbench.nn.iebn as iebn_module
 from workbench.nn import IEBN2d, iebn_reference
 
 
@@ -38,8 +39,11 @@ def _observe(m: IEBN2d):
     return m.attention_probe.register_forward_hook(lambda mod, args, out: None)
 
 
-@pytest.fixture(params=["fused", "fused-python", "general", "composite", "generic-kernels"])
+@pytest.fixture(params=["fused", "fused-python", "device-bn", "general", "composite", "generic-kernels"])
 def path(request, monkeypatch):
+    if request.param == "device-bn":
+        # The accelerator path (device batch-norm kernel + gate), run here on the CPU.
+        monkeypatch.setattr(iebn_module, "_use_device_batch_norm", lambda x: not wf.use_composite())
     if request.param in ("fused-python", "general", "composite", "generic-kernels"):
         # "fused" takes the C++ CPU kernel when it builds (it must here, see test_native_kernel_is_used);
         # the other paths test the pure-PyTorch code it falls back to.
@@ -385,3 +389,17 @@ def test_cuda_compiled_model_trains():
     torch.testing.assert_close(compiled(x), eager_out, rtol=1e-3, atol=1e-3)
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_device_batch_norm_path_non_affine_low_precision_and_gradcheck(monkeypatch):
+    monkeypatch.setattr(iebn_module, "_use_device_batch_norm", lambda x: not wf.use_composite())
+    m = _randomised(affine=False)
+    x = _input()
+    torch.testing.assert_close(m(x), _batch_reference(m, x), rtol=1e-10, atol=1e-10)
+    m = _randomised(dtype=torch.float32)
+    x = _input(dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(m(x), _batch_reference(m, x), rtol=1e-5, atol=1e-5)
+    y = m(_input(dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    m = _randomised()
+    torch.autograd.gradcheck(lambda t: m(t), (_input((3, 5, 3, 2)).requires_grad_(),))

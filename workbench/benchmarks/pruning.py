@@ -38,6 +38,8 @@ reports the share of its time spent outside convolutions, before and after pruni
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 import torch
 from torch import nn
@@ -129,12 +131,15 @@ def bench_model(name: str, ratios: tuple[float, ...], device: torch.device, widt
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     batch = batch.to(memory_format=fmt)
     nets, reports = [model], [None]
+    start = time.perf_counter()
     for r in ratios:
         pruned, report = prune(model, r, trace_input, method=method, round_to=round_to, latency=False)
         nets.append(pruned)
         reports.append(report)
+    _progress(f"{name}: pruned at {len(ratios)} ratios in {time.perf_counter() - start:.1f} s")
     rows = []
     for mode in modes:
+        start = time.perf_counter()
         if mode == "compile":
             torch._dynamo.reset()  # each model starts from a clean cache, clear of dynamo's recompile limit
         forms = [_deploy_form(net, mode, trace_input.to(memory_format=fmt), fmt) for net in nets]
@@ -157,8 +162,16 @@ def bench_model(name: str, ratios: tuple[float, ...], device: torch.device, widt
                 row.update({f"{k}_before": v for k, v in parts[0].items()})
                 row.update({f"{k}_after": v for k, v in parts[i].items()})
             rows.append(row)
+            _progress(f"{name} {mode} ratio {ratio:.2f}: {base:.2f} -> {lat:.2f} ms, speedup {speedup:.2f}x, "
+                      f"FLOPs {report.flops_ratio:.2f}x, efficiency {speedup / report.flops_ratio:.2f}")
+        _progress(f"{name} {mode}: timed in {time.perf_counter() - start:.1f} s")
         del forms
     return rows
+
+
+def _progress(message: str) -> None:
+    # stderr, row by row: a run cut short by a time limit still shows what it measured
+    print(f"[bench pruning] {message}", file=sys.stderr, flush=True)
 
 
 def _share(row: dict, when: str) -> float:

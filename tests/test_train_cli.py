@@ -104,7 +104,7 @@ def test_nested_config_keys_and_values_are_checked(tmp_path):
     cfg = load_config(cfg_file, {"noise": {"level": 0.3}, "probes": {"attention": {"every": 5}}})
     assert cfg.noise["kind"] == "var" and cfg.noise["level"] == 0.3, "a flag merges into the file's section"
     assert cfg.noise["seed"] == cfg.seed and cfg.noise["schedule"] == "constant", "defaults filled in"
-    assert set(cfg.probes) == {"gsnr", "attention"} and cfg.probes["gsnr"]["every"] == 50
+    assert set(cfg.probes) == {"gsnr", "attention"} and cfg.probes["gsnr"]["every"] == 100
     assert load_config(cfg_file, {"noise": "off", "probes": {"gsnr": False}}).noise is None
     assert load_config(cfg_file, {"probes": {"gsnr": False}}).probes == {}
     assert load_config(None, {"sparsity": {"method": "l1", "strength": "1e-4"}}).sparsity["strength"] == 1e-4

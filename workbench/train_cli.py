@@ -27,9 +27,9 @@ mapping, e.g. ``--noise "{kind: mean, level: 0.5}"``, merged key by key into the
       other_bns: l1             # cags only: l1 | none, the penalty on BNs without a CAGM
     probes:                     # read-only measurements, JSON logs <output>/<probe>.json (rank 0)
       gradient_noise_scale: {every: 50, method: auto, micro_batches: 4, ema: 0.9}
-      gsnr: {every: 50, micro_batches: 8}
+      gsnr: {every: 100, micro_batches: 8}
       coupling_gap: {every: 500, micro_sizes: [2, 4, 8, 16, 32], per_layer: false}
-      bn_estimation_noise: {every: 200, batch_sizes: [2, 4, 8, 16, 32, 64, 128], n_batches: 128,
+      bn_estimation_noise: {every: 400, batch_sizes: [2, 4, 8, 16, 32, 64, 128], n_batches: 128,
                             max_samples: 512, layers: null}
       attention: {every: 10, kinds: null, layers: null}   # IEBN / SE / DIA sites
 
@@ -80,9 +80,9 @@ SPARSITY_DEFAULTS: dict[str, Any] = {"method": None, "strength": None, "mode": "
 GNS_METHODS = ("auto", "micro", "two_batch", "ddp")
 PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
     "gradient_noise_scale": {"every": 50, "method": "auto", "micro_batches": 4, "ema": 0.9},
-    "gsnr": {"every": 50, "micro_batches": 8},
+    "gsnr": {"every": 100, "micro_batches": 8},
     "coupling_gap": {"every": 500, "micro_sizes": [2, 4, 8, 16, 32], "per_layer": False},
-    "bn_estimation_noise": {"every": 200, "batch_sizes": [2, 4, 8, 16, 32, 64, 128], "n_batches": 128,
+    "bn_estimation_noise": {"every": 400, "batch_sizes": [2, 4, 8, 16, 32, 64, 128], "n_batches": 128,
                             "max_samples": 512, "layers": None},
     "attention": {"every": 10, "kinds": None, "layers": None},
 }

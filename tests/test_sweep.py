@@ -156,3 +156,47 @@ def test_ctrl_c_keeps_finished_points_and_resumes(tmp_path):
     assert summary["status"] == "done"
     assert summary["points"][0]["duration"] == first["duration"]
     assert summary["points"][1]["metrics"] == {"score": 1.1}
+
+
+def test_sigterm_stops_the_sweep_and_its_kernel_and_resumes(tmp_path):
+    """SIGTERM to the sweep process alone (``kill``, a scheduler's time limit) ends the busy worker's
+    kernel too: nothing of the sweep's process session keeps running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    body = ("import time\nfrom workbench import report\n"
+            "if seed == 1:\n    time.sleep(300)\n"
+            "report.record('score', seed + lr)")
+    nb = write_test_notebook(tmp_path / "slow.ipynb", body, PARAMS)
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1",
+                             "--jobs", "1", "--output", str(out)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = out / "points" / "seed=0" / "point.json"
+    deadline = time.monotonic() + 120
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert done.exists(), "the first point should finish before the signal"
+    time.sleep(5)  # the second point's kernel is now in its sleeping cell
+
+    def session_processes() -> list[str]:
+        ps = subprocess.run(["ps", "-e", "-o", "sid=,pid=,args="], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if line.split(None, 1)[0] == str(proc.pid)]
+
+    assert len(session_processes()) >= 3, "sweep, worker and kernel should all be running"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 30
+    while session_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert session_processes() == [], "no worker or kernel outlives the sweep"
+    assert json.loads(done.read_text())["status"] == "done"
+    interrupted = out / "points" / "seed=1" / "point.json"
+    assert not interrupted.exists() or json.loads(interrupted.read_text())["status"] != "done"
+    write_test_notebook(nb, body.replace("time.sleep(300)", "pass"), PARAMS)
+    summary = run_sweep(str(nb), {"seed": [0, 1]}, jobs=1, output=str(out), echo=lambda *_: None)
+    assert summary["status"] == "done"
+    del os

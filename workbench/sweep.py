@@ -9,6 +9,7 @@ failed or interrupted ones. ``results.json`` and ``index.html`` at the sweep roo
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import html
 import itertools
@@ -16,6 +17,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -200,9 +202,31 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
     return summary
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While the sweep runs, SIGTERM (``kill``, a batch scheduler's time limit) stops it the way
+    Ctrl-C does: KeyboardInterrupt here, finished points kept, the rest left to a rerun. Yields an
+    event that tells the two apart: Ctrl-C in a terminal reaches every worker already, SIGTERM
+    only this process."""
+    terminated = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield terminated
+        return
+
+    def on_term(signum, frame):
+        terminated.set()
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished, threads: int | None = None) -> None:
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, _terminate_as_interrupt() as terminated:
         futures = {}
         try:
             for i, (pid, params, point_dir) in enumerate(todo):
@@ -221,6 +245,12 @@ def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished,
         except KeyboardInterrupt:
             for future in futures:
                 future.cancel()
+            if terminated.is_set():
+                # Pass SIGTERM on as Ctrl-C: each busy worker interrupts papermill, which shuts its
+                # kernel down, instead of finishing its notebook after this process has gone.
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGINT)
             raise
 
 

@@ -1,6 +1,7 @@
 """papermill runner: success, failure isolation, results.json/index.html, validation before any work."""
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -73,3 +74,13 @@ def test_plan_applies_overrides_only_where_declared():
     specs = [runner.load_spec(p) for p in runner.list_notebooks()]
     plan = runner.plan_parameters(specs, {"seed": 4})
     assert all(values == {"seed": 4} for values in plan.values())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix sockets are a POSIX transport")
+def test_kernels_talk_over_unix_sockets_not_tcp(tmp_path):
+    body = ("from ipykernel.kernelapp import IPKernelApp\nfrom workbench import report\n"
+            "report.record('transport', IPKernelApp.instance().transport)")
+    nb = write_test_notebook(tmp_path / "transport.ipynb", body)
+    result = runner.execute_notebook(nb, tmp_path / "out", {"seed": 1})
+    assert result.status == "done", result.error
+    assert result.metrics == {"transport": "ipc"}

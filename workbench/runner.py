@@ -158,6 +158,30 @@ class NotebookResult:
         return dict(self.__dict__)
 
 
+def _kernel_manager_option() -> dict:
+    """Kernels talk to papermill over Unix sockets where the OS has them: nothing listens on a TCP
+    port (ipykernel warns about unencrypted TCP on every start) and kernels started side by side in
+    a sweep cannot race for the same port."""
+    if os.name != "posix":
+        return {}
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import CaselessStrEnum, default
+
+    class UnixSocketKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+        @default("ip")
+        def _unique_socket_prefix(self) -> str:
+            # jupyter_client's default prefix is "kernel-ipc" in the working directory, shared by
+            # every kernel started there: side-by-side kernels would bind each other's sockets.
+            return os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4().hex[:16]}-ipc")
+
+    return {"kernel_manager_class": UnixSocketKernelManager}
+
+
 def execute_notebook(path: Path, out_dir: Path, parameters: Mapping[str, Any], *,
                      timeout: int = DEFAULT_CELL_TIMEOUT, kernel_name: str = KERNEL_NAME,
                      log_output: bool = False, stem: str | None = None) -> NotebookResult:
@@ -177,7 +201,7 @@ def execute_notebook(path: Path, out_dir: Path, parameters: Mapping[str, Any], *
     try:
         pm.execute_notebook(str(path), str(out_ipynb), parameters=dict(parameters), kernel_name=kernel_name,
                             cwd=str(path.parent), execution_timeout=timeout, progress_bar=False,
-                            log_output=log_output, report_mode=False)
+                            log_output=log_output, report_mode=False, **_kernel_manager_option())
         result.status = "done"
     except Exception as exc:  # a failed notebook is recorded and the run goes on
         result.status = "failed"

@@ -37,8 +37,9 @@ from workbench.runner import (
 )
 
 EXECUTORS = ("local", "ray")
-# kernels started in the same instant can race for the ports they reserve; space the starts out
-KERNEL_START_SPACING_S = 1.5
+# Where kernels use TCP (not on POSIX, see runner._kernel_manager_option), kernels started in the same
+# instant can race for the ports they reserve; space the starts out
+KERNEL_START_SPACING_S = 0.0 if os.name == "posix" else 1.5
 
 
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict]:

@@ -1,7 +1,8 @@
 """BN-scale sparsity (Network Slimming, CAP's CAGM + CAGS), channel pruning with Torch-Pruning, cost."""
 
 from workbench.pruning.cagm import CAGM, CAGMSet, attach_cagms, compute_guidance, default_sites
-from workbench.pruning.cost import count_flops, count_params, measure_latency
+from workbench.pruning.cost import count_flops, count_params, measure_latencies, measure_latency
+from workbench.pruning.fold import fold_batchnorm
 from workbench.pruning.importance import EffectiveScaleImportance, effective_scale, iebn_mean_attention
 from workbench.pruning.prune import METHODS, PruneReport, prune
 from workbench.pruning.pruners import DIAPruner, PerChannelNormPruner, default_customized_pruners
@@ -20,6 +21,6 @@ __all__ = [
     "CAGM", "CAGMSet", "METHODS", "BNScaleRecorder", "BNScaleSparsity", "CAGSSparsity", "DIAPruner",
     "EffectiveScaleImportance", "PerChannelNormPruner", "PruneReport", "attach_cagms", "attach_spec",
     "bn_scales", "build_from_spec", "compute_guidance", "count_flops", "count_params", "default_customized_pruners",
-    "default_lambda", "default_sites", "effective_scale", "iebn_mean_attention", "load_pruned", "make_spec",
-    "measure_latency", "prune", "save_pruned", "soft_threshold_", "sparsity_fraction",
+    "default_lambda", "default_sites", "effective_scale", "fold_batchnorm", "iebn_mean_attention", "load_pruned",
+    "make_spec", "measure_latencies", "measure_latency", "prune", "save_pruned", "soft_threshold_", "sparsity_fraction",
 ]

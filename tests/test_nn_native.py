@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -120,3 +121,11 @@ def test_build_failure_falls_back_to_python_with_a_warning(monkeypatch):
         assert x.grad is not None
     finally:
         native._load_iebn.cache_clear()
+
+
+def test_ninja_from_the_dependency_is_found_without_an_activated_venv(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    native._put_ninja_on_path()
+    assert shutil.which("ninja") is not None
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR

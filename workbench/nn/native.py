@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -48,6 +49,18 @@ def _import_cpp_extension():
     return cpp_extension
 
 
+def _put_ninja_on_path() -> None:
+    # torch's JIT build runs `ninja` from PATH; a kernel or `make` started without the venv
+    # activated does not have the venv's bin/ on PATH, where the `ninja` dependency put it.
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.lru_cache(maxsize=1)
 def _load_iebn() -> bool:
     try:
@@ -55,6 +68,7 @@ def _load_iebn() -> bool:
         cached = Path(cpp_extension._get_build_directory("workbench_iebn_cpu", verbose=False))
         if not any(cached.glob("*.so")):
             print("workbench: building the IEBN CPU kernel (once, ~25 s)...", file=sys.stderr, flush=True)
+        _put_ninja_on_path()
         cpp_extension.load(name="workbench_iebn_cpu", sources=[str(_SOURCE)], is_python_module=False,
                            extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
         return hasattr(torch.ops.workbench_iebn, "forward")

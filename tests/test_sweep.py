@@ -1,6 +1,10 @@
 """Sweeps: Cartesian product, bounded parallelism, resume, failure isolation, validation up front."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -119,67 +123,56 @@ def test_unreachable_ray_address_is_refused_before_work(notebook, tmp_path, caps
     assert not out.exists()
 
 
-def test_ctrl_c_keeps_finished_points_and_resumes(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
+SLOW_BODY = ("import time\nfrom workbench import report\n"
+             "if seed == 1:\n    time.sleep(300)\n"
+             "report.record('score', seed + lr)")
 
-    body = ("import time\nfrom workbench import report\n"
-            "if seed == 1:\n    time.sleep(120)\n"
-            "report.record('score', seed + lr)")
-    nb = write_test_notebook(tmp_path / "slow.ipynb", body, PARAMS)
+
+def _start_slow_sweep(tmp_path, **popen_options):
+    """A 2-point sweep in its own process session whose second point sleeps; returns once the first
+    point is done and the second is in its sleeping cell."""
+    nb = write_test_notebook(tmp_path / "slow.ipynb", SLOW_BODY, PARAMS)
     out = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1",
-                             "--jobs", "1", "--output", str(out)], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            # A test suite started in the background (`make test &`, CI runners) inherits an
-                            # ignored SIGINT, and Python then never raises KeyboardInterrupt: restore what a
-                            # terminal's Ctrl-C reaches.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             "--jobs", "1", "--output", str(out)], start_new_session=True, **popen_options)
     done = out / "points" / "seed=0" / "point.json"
     deadline = time.monotonic() + 120
     while not done.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert done.exists(), "the first point should finish before the interrupt"
-    time.sleep(3)  # the second point is now executing its sleeping cell
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=300)  # the interrupted kernel and worker shut down first; slow on a loaded machine
-    assert proc.returncode != 0
-    first = json.loads(done.read_text())
+    assert done.exists(), "the first point should finish before the interruption"
+    time.sleep(5)
+    return proc, nb, out
+
+
+def _check_interrupted_then_resumed(nb, out):
+    first = json.loads((out / "points" / "seed=0" / "point.json").read_text())
     assert first["status"] == "done"
     interrupted = out / "points" / "seed=1" / "point.json"
     assert not interrupted.exists() or json.loads(interrupted.read_text())["status"] != "done"
     # the rerun skips the finished point and re-executes the interrupted one
-    write_test_notebook(nb, body.replace("time.sleep(120)", "pass"), PARAMS)
+    write_test_notebook(nb, SLOW_BODY.replace("time.sleep(300)", "pass"), PARAMS)
     summary = run_sweep(str(nb), {"seed": [0, 1]}, jobs=1, output=str(out), echo=lambda *_: None)
     assert summary["status"] == "done"
     assert summary["points"][0]["duration"] == first["duration"]
     assert summary["points"][1]["metrics"] == {"score": 1.1}
 
 
+def test_ctrl_c_keeps_finished_points_and_resumes(tmp_path):
+    proc, nb, out = _start_slow_sweep(
+        tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # A test suite started in the background (`make test &`, CI runners) inherits an ignored
+        # SIGINT, and Python then never raises KeyboardInterrupt: restore what a terminal's Ctrl-C reaches.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=300)  # the interrupted kernel and worker shut down first; slow on a loaded machine
+    assert proc.returncode != 0
+    _check_interrupted_then_resumed(nb, out)
+
+
 def test_sigterm_stops_the_sweep_and_its_kernel_and_resumes(tmp_path):
     """SIGTERM to the sweep process alone (``kill``, a scheduler's time limit) ends the busy worker's
     kernel too: nothing of the sweep's process session keeps running."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    body = ("import time\nfrom workbench import report\n"
-            "if seed == 1:\n    time.sleep(300)\n"
-            "report.record('score', seed + lr)")
-    nb = write_test_notebook(tmp_path / "slow.ipynb", body, PARAMS)
-    out = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1",
-                             "--jobs", "1", "--output", str(out)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = out / "points" / "seed=0" / "point.json"
-    deadline = time.monotonic() + 120
-    while not done.exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert done.exists(), "the first point should finish before the signal"
-    time.sleep(5)  # the second point's kernel is now in its sleeping cell
+    proc, nb, out = _start_slow_sweep(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def session_processes() -> list[str]:
         ps = subprocess.run(["ps", "-e", "-o", "sid=,pid=,args="], capture_output=True, text=True).stdout
@@ -193,10 +186,4 @@ def test_sigterm_stops_the_sweep_and_its_kernel_and_resumes(tmp_path):
     while session_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert session_processes() == [], "no worker or kernel outlives the sweep"
-    assert json.loads(done.read_text())["status"] == "done"
-    interrupted = out / "points" / "seed=1" / "point.json"
-    assert not interrupted.exists() or json.loads(interrupted.read_text())["status"] != "done"
-    write_test_notebook(nb, body.replace("time.sleep(300)", "pass"), PARAMS)
-    summary = run_sweep(str(nb), {"seed": [0, 1]}, jobs=1, output=str(out), echo=lambda *_: None)
-    assert summary["status"] == "done"
-    del os
+    _check_interrupted_then_resumed(nb, out)

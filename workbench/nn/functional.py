@@ -48,7 +48,8 @@ _MARGIN_FACTOR = (1.0 + _CANCELLATION_RATIO) / _CANCELLATION_RATIO
 _MAX_GRAPH_WALK = 512
 
 
-def _accumulate_dtype(x: Tensor) -> torch.dtype:
+def accumulate_dtype(x: Tensor) -> torch.dtype:
+    """The dtype reductions over ``x`` use: its own for float32/float64, float32 below that."""
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
@@ -119,7 +120,7 @@ def _plane_sums(x: Tensor, grad_out: Tensor, scale: Tensor, want_dx: bool,
 def _moments_forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-plane mean ``(N, C)``, batch mean and biased batch variance ``(C,)`` (no autograd)."""
     n, hw = x.shape[0], x.shape[2] * x.shape[3]
-    acc = _accumulate_dtype(x)
+    acc = accumulate_dtype(x)
     if x.device.type == "cpu":
         # Two vectorised single-pass reductions; var_mean's Welford over the inner dims is several
         # times slower on CPU.
@@ -341,7 +342,7 @@ def _composite_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     by one sample value per channel (detached; the moments do not depend on it, so gradients are
     exact), which keeps E[(x-k)^2] - E[x-k]^2 well conditioned without a data-dependent branch."""
     n, hw = x.shape[0], x.shape[2] * x.shape[3]
-    xs = x.to(_accumulate_dtype(x))
+    xs = x.to(accumulate_dtype(x))
     shift = xs[0, :, 0, 0].detach()[:, None, None]
     centred = xs - shift
     plane_sum = centred.sum((2, 3))

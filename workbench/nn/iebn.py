@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from workbench.nn.functional import (
     PlaneMoments,
+    accumulate_dtype,
     gated_batch_norm,
     iebn_train_fused,
     plane_moments,
@@ -118,8 +119,8 @@ class IEBN2d(nn.BatchNorm2d):
             factor = float(factor) if isinstance(factor, Tensor) else factor
         x_hat = F.batch_norm(x, self.running_mean if update_running else None,
                              self.running_var if update_running else None, None, None, True, factor, self.eps)
-        acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        gate = torch.sigmoid(torch.addcmul(self.attn_bias, self.attn_weight, x.mean((2, 3), dtype=acc)))
+        gap = x.mean((2, 3), dtype=accumulate_dtype(x))
+        gate = torch.sigmoid(torch.addcmul(self.attn_bias, self.attn_weight, gap))
         scale = gate if self.weight is None else gate * self.weight
         scale = scale.to(x.dtype)[..., None, None]
         if self.bias is None:
@@ -160,8 +161,7 @@ class IEBN2d(nn.BatchNorm2d):
                 else:
                     update_running_stats(self, clean_mean, clean_var, count, factor)
         else:
-            acc = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-            gap = x.mean((2, 3), dtype=acc)
+            gap = x.mean((2, 3), dtype=accumulate_dtype(x))
             mean, var = self.running_mean, self.running_var
         gate = self.attention_probe(torch.sigmoid(torch.addcmul(self.attn_bias, self.attn_weight, gap)))
         return gated_batch_norm(x, mean, var, self.weight, self.bias, self.eps, gate, moments)

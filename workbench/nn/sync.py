@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from workbench.nn.functional import PlaneMoments, running_average_factor, update_running_stats
+from workbench.nn.functional import PlaneMoments, accumulate_dtype, running_average_factor, update_running_stats
 from workbench.nn.iebn import IEBN2d
 
 
@@ -81,8 +81,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(input)
         self._check_input_dim(input)
-        acc = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
-        x = input.to(acc)
+        x = input.to(accumulate_dtype(input))
         count = x.shape[0] * x.shape[2] * x.shape[3]
         mean = x.mean((0, 2, 3))
         var = (x - mean.view(1, -1, 1, 1)).square().mean((0, 2, 3))

@@ -4,6 +4,7 @@ run with executed notebooks, standalone HTML, ``results.json`` and an ``index.ht
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import html
 import importlib
 import json
@@ -158,6 +159,7 @@ class NotebookResult:
         return dict(self.__dict__)
 
 
+@functools.lru_cache(maxsize=1)
 def _kernel_manager_option() -> dict:
     """Kernels talk to papermill over Unix sockets where the OS has them: nothing listens on a TCP
     port (ipykernel warns about unencrypted TCP on every start) and kernels started side by side in

@@ -69,8 +69,10 @@ def _load_iebn() -> bool:
         if not any(cached.glob("*.so")):
             print("workbench: building the IEBN CPU kernel (once, ~25 s)...", file=sys.stderr, flush=True)
         _put_ninja_on_path()
+        # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The extension
+        # then links libgomp.so.1, which resolves to the copy torch has already loaded.
         cpp_extension.load(name="workbench_iebn_cpu", sources=[str(_SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         return hasattr(torch.ops.workbench_iebn, "forward")
     except Exception as error:  # noqa: BLE001 - any build failure means "use the Python path"
         warnings.warn(f"workbench: the IEBN CPU kernel could not be built ({type(error).__name__}: {error}); "

@@ -21,7 +21,15 @@ def test_bench_probes_main(tmp_path, monkeypatch, capsys):
     names = list(bench.probe_factories(torch.zeros(2, 3, 8, 8)))
     assert [r["probe"] for r in data["overhead"]] == names
     assert all(r["overhead"] >= 1.0 and r["every"] >= 1 for r in data["overhead"])
-    assert data["vmap"][0]["micro_batch"] == 4 and data["vmap"][0]["speedup"] > 0
+    row = data["vmap"][0]
+    assert row["micro_batch"] == 4 and row["speedup"] > 0
+    assert row["compiled_ms"] > 0 and row["compiled_speedup"] == row["loop_ms"] / row["compiled_ms"]
     text = (tmp_path / "probes.md").read_text()
-    assert "coupling_gap" in text and "| 4 | 4 |" in text
+    assert "coupling_gap" in text and "| 4 | 4 |" in text and "compiled speedup" in text
     assert "target >= 3x" in capsys.readouterr().out
+
+
+def test_bench_probes_without_the_compiled_column():
+    rows = bench.bench_vmap(tiny, torch.device("cpu"), 16, (4,), repeats=1, compiled=False)
+    assert "compiled_ms" not in rows[0]
+    assert "compiled" not in bench.format_tables([], rows)

@@ -26,9 +26,9 @@ mapping, e.g. ``--noise "{kind: mean, level: 0.5}"``, merged key by key into the
       sites: null               # cags only: CAGM sites (null: the model's cagm_sites(), else every BN)
       other_bns: l1             # cags only: l1 | none, the penalty on BNs without a CAGM
     probes:                     # read-only measurements, JSON logs <output>/<probe>.json (rank 0)
-      gradient_noise_scale: {every: 50, method: auto, micro_batches: 4, ema: 0.9}
-      gsnr: {every: 100, micro_batches: 8}
-      coupling_gap: {every: 500, micro_sizes: [2, 4, 8, 16, 32], per_layer: false}
+      gradient_noise_scale: {every: 50, method: auto, micro_batches: 4, ema: 0.9, compiled: false}
+      gsnr: {every: 100, micro_batches: 8, compiled: false}
+      coupling_gap: {every: 500, micro_sizes: [2, 4, 8, 16, 32], per_layer: false, compiled: false}
       bn_estimation_noise: {every: 400, batch_sizes: [2, 4, 8, 16, 32, 64, 128], n_batches: 128,
                             max_samples: 512, layers: null}
       attention: {every: 10, kinds: null, layers: null}   # IEBN / SE / DIA sites
@@ -37,7 +37,9 @@ A probe given as ``null``, ``true`` or ``{}`` runs with its defaults. ``gradient
 ``method``: ``auto`` is ``micro`` in one process and ``ddp`` under DDP; ``ddp`` is McCandlish's
 nearly free estimator from each rank's own gradient (batch = per-rank batch) against the
 all-reduced one (batch = global batch), see :class:`workbench.probes.DDPGradientNoiseScale`;
-``micro`` and ``two_batch`` are the one-process estimators. Under DDP the other probes measure
+``micro`` and ``two_batch`` are the one-process estimators. ``compiled: true`` runs a probe's
+micro-batch gradients through ``torch.compile`` (compiled once per shape, then faster than eager vmap;
+see :mod:`workbench.probes.microbatch`). Under DDP the other probes measure
 rank 0's share of the batch, on rank 0 only (``gsnr`` and ``coupling_gap`` with every rank's batch
 normalised on its own, as their micro-batches are); the statistic noise is one draw shared by the
 ranks (feature noise is drawn independently per rank, the ranks holding different samples), and
@@ -79,9 +81,9 @@ SPARSITY_DEFAULTS: dict[str, Any] = {"method": None, "strength": None, "mode": "
                                      "layers": None, "sites": None, "other_bns": "l1"}
 GNS_METHODS = ("auto", "micro", "two_batch", "ddp")
 PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gradient_noise_scale": {"every": 50, "method": "auto", "micro_batches": 4, "ema": 0.9},
-    "gsnr": {"every": 100, "micro_batches": 8},
-    "coupling_gap": {"every": 500, "micro_sizes": [2, 4, 8, 16, 32], "per_layer": False},
+    "gradient_noise_scale": {"every": 50, "method": "auto", "micro_batches": 4, "ema": 0.9, "compiled": False},
+    "gsnr": {"every": 100, "micro_batches": 8, "compiled": False},
+    "coupling_gap": {"every": 500, "micro_sizes": [2, 4, 8, 16, 32], "per_layer": False, "compiled": False},
     "bn_estimation_noise": {"every": 400, "batch_sizes": [2, 4, 8, 16, 32, 64, 128], "n_batches": 128,
                             "max_samples": 512, "layers": None},
     "attention": {"every": 10, "kinds": None, "layers": None},
@@ -289,16 +291,17 @@ def _check_nested(cfg: TrainConfig) -> None:
                     raise ValueError(f"method={opts['method']!r} is not valid; allowed: {GNS_METHODS}")
                 opts["ema"] = _number("ema", opts["ema"], 0.0, 1.0, closed_high=False)
                 method = opts["method"] if opts["method"] in ("micro", "two_batch") else "micro"
-                GradientNoiseScale(opts["every"], opts["micro_batches"], method, opts["ema"])
+                GradientNoiseScale(opts["every"], opts["micro_batches"], method, opts["ema"],
+                                   compiled=opts["compiled"])
             elif name == "gsnr":
-                GradientSNR(opts["every"], opts["micro_batches"])
+                GradientSNR(opts["every"], opts["micro_batches"], compiled=opts["compiled"])
             elif name == "coupling_gap":
                 if not isinstance(opts["micro_sizes"], list):
                     raise ValueError(f"micro_sizes={opts['micro_sizes']!r} is not valid; allowed: a list of "
                                      "integers >= 1")
                 if not isinstance(opts["per_layer"], bool):
                     raise ValueError(f"per_layer={opts['per_layer']!r} is not valid; allowed: true, false")
-                CouplingGap(opts["every"], opts["micro_sizes"], opts["per_layer"])
+                CouplingGap(opts["every"], opts["micro_sizes"], opts["per_layer"], compiled=opts["compiled"])
             elif name == "bn_estimation_noise":
                 sizes = opts["batch_sizes"]
                 if not isinstance(sizes, list) or not sizes or any(
@@ -666,7 +669,7 @@ def build_callbacks(cfg: TrainConfig, info: DistInfo, model: nn.Module, probe_se
     elif gns is not None:
         method = "micro" if gns["method"] == "auto" else gns["method"]
         callbacks.append(GradientNoiseScale(gns["every"], gns["micro_batches"], method, gns["ema"],
-                                            path("gradient_noise_scale")))
+                                            path("gradient_noise_scale"), compiled=gns["compiled"]))
     if cfg.sparsity is not None:
         sp = cfg.sparsity
         lam = sp["strength"] if sp["strength"] is not None else default_lambda(cfg.model)
@@ -688,11 +691,13 @@ def build_callbacks(cfg: TrainConfig, info: DistInfo, model: nn.Module, probe_se
                                           layers=opts["layers"]))
     local = local_twin if info.enabled else bare
     if "gsnr" in probes:
-        gsnr = GradientSNR(probes["gsnr"]["every"], probes["gsnr"]["micro_batches"], path("gsnr"))
+        gsnr = GradientSNR(probes["gsnr"]["every"], probes["gsnr"]["micro_batches"], path("gsnr"),
+                           compiled=probes["gsnr"]["compiled"])
         callbacks.append(OnModule(gsnr, local) if info.enabled else gsnr)
     if "coupling_gap" in probes:
         opts = probes["coupling_gap"]
-        gap = CouplingGap(opts["every"], opts["micro_sizes"], opts["per_layer"], path("coupling_gap"))
+        gap = CouplingGap(opts["every"], opts["micro_sizes"], opts["per_layer"], path("coupling_gap"),
+                          compiled=opts["compiled"])
         callbacks.append(OnModule(gap, local) if info.enabled else gap)
     if "bn_estimation_noise" in probes:
         opts = probes["bn_estimation_noise"]

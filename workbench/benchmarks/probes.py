@@ -7,6 +7,10 @@ schedule is amortised: ``(every * t_off + c) / (every * t_off)`` with ``c`` the 
 where it fires, measured from steps with ``every=1``. ``--direct`` also trains ``every`` steps with
 each probe at its default schedule and reports the plain ratio of mean step times (slower, noisier).
 Targets: overhead <= 1.1x at the default schedules, vmap >= 3x faster than the loop.
+
+The vmap table also times the same vmap pass through ``torch.compile`` (``compiled=True`` in the
+probes), after one untimed compiling call per micro-batch count; ``--no-compiled`` skips it. The
+loop stays eager in both ratios: it is the plain autograd code a user would otherwise write.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ def _shifted(probe, offset: int):
 
 
 def bench_vmap(make_model: Callable[[], nn.Module], device: torch.device, batch_size: int = 64,
-               micro_batches: tuple[int, ...] = (4, 8, 16), repeats: int = 5) -> list[dict]:
+               micro_batches: tuple[int, ...] = (4, 8, 16), repeats: int = 5, compiled: bool = True) -> list[dict]:
     torch.manual_seed(0)
     model = make_model().to(device).train()
     x, y = _batches(batch_size, 1, device)[0]
@@ -146,15 +150,23 @@ def bench_vmap(make_model: Callable[[], nn.Module], device: torch.device, batch_
         if batch_size // k < 1:
             continue
 
-        def run_vmap(k=k):
-            micro_batch_gradients(model, x, y, F.cross_entropy, k, clone=clone_v)
+        def run_vmap(k=k, compiled=False):
+            micro_batch_gradients(model, x, y, F.cross_entropy, k, clone=clone_v, compiled=compiled)
 
         def run_loop(k=k):
             micro_batch_gradients_loop(model, x, y, F.cross_entropy, k, clone=clone_l)
 
         t_vmap, t_loop = _time(run_vmap, device, repeats), _time(run_loop, device, repeats)
-        rows.append({"micro_batches": k, "micro_batch": batch_size // k, "vmap_ms": t_vmap * 1e3,
-                     "loop_ms": t_loop * 1e3, "speedup": t_loop / t_vmap})
+        row = {"micro_batches": k, "micro_batch": batch_size // k, "vmap_ms": t_vmap * 1e3,
+               "loop_ms": t_loop * 1e3, "speedup": t_loop / t_vmap}
+        if compiled:
+            start = time.perf_counter()
+            run_vmap(compiled=True)
+            row["compile_s"] = time.perf_counter() - start
+            t_comp = _time(lambda k=k: run_vmap(k, compiled=True), device, repeats)
+            row.update(compiled_ms=t_comp * 1e3, compiled_speedup=t_loop / t_comp)
+        rows.append(row)
+        print(f"[bench probes] k={k}: " + ", ".join(f"{key} {val:.3g}" for key, val in row.items()), flush=True)
     return rows
 
 
@@ -186,11 +198,20 @@ def format_tables(overhead: list[dict], vmap: list[dict]) -> str:
         lines.append(f"| {r['probe']} | {r['every']} | {r['step_off_ms']:.1f} | {r['step_firing_ms']:.1f} | "
                      f"{r['cost_in_steps']:.2f} | {r['overhead']:.3f}x{extra} | "
                      f"{'yes' if r['overhead'] <= OVERHEAD_TARGET else 'NO'} |")
-    lines += ["", "| micro-batches k | micro-batch b | vmap (ms) | loop (ms) | speedup | target >= 3x |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    compiled = any("compiled_ms" in r for r in vmap)
+    head = "| micro-batches k | micro-batch b | vmap (ms) | loop (ms) | speedup | target >= 3x |"
+    rule = "| --- | --- | --- | --- | --- | --- |"
+    if compiled:
+        head += " compiled vmap (ms) | compiled speedup | target >= 3x | compile (s) |"
+        rule += " --- | --- | --- | --- |"
+    lines += ["", head, rule]
     for r in vmap:
-        lines.append(f"| {r['micro_batches']} | {r['micro_batch']} | {r['vmap_ms']:.1f} | {r['loop_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x | {'yes' if r['speedup'] >= VMAP_TARGET else 'NO'} |")
+        line = (f"| {r['micro_batches']} | {r['micro_batch']} | {r['vmap_ms']:.1f} | {r['loop_ms']:.1f} | "
+                f"{r['speedup']:.2f}x | {'yes' if r['speedup'] >= VMAP_TARGET else 'NO'} |")
+        if "compiled_ms" in r:
+            line += (f" {r['compiled_ms']:.1f} | {r['compiled_speedup']:.2f}x | "
+                     f"{'yes' if r['compiled_speedup'] >= VMAP_TARGET else 'NO'} | {r['compile_s']:.0f} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -202,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="timed steps without probes")
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--direct", action="store_true", help="also train `every` steps per probe (slow)")
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="skip the torch.compile'd vmap column (compiling takes about a minute per k on CPU)")
     parser.add_argument("--output", help="write probes.json and probes.md to this folder")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -212,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device: {describe_device(device)}; resnet20 width {args.width}, batch {args.batch_size}", flush=True)
     overhead = bench_overhead(make_model, device, args.batch_size, args.steps, direct=args.direct)
-    vmap = bench_vmap(make_model, device, args.batch_size, tuple(args.micro_batches))
+    vmap = bench_vmap(make_model, device, args.batch_size, tuple(args.micro_batches), compiled=args.compiled)
     text = format_tables(overhead, vmap)
     print(text, flush=True)
     if args.output:

@@ -20,14 +20,21 @@ from torch import Tensor, nn
 
 from workbench.probes.base import Probe
 from workbench.probes.gsnr import layer_of
-from workbench.probes.microbatch import LossFn, ProbeCopy, batch_gradient, micro_batch_gradients, probe_copy
+from workbench.probes.microbatch import (
+    LossFn,
+    ProbeCopy,
+    batch_gradient,
+    check_compiled,
+    micro_batch_gradients,
+    probe_copy,
+)
 
 DEFAULT_MICRO_SIZES = (2, 4, 8, 16, 32)
 
 
 def coupling_gap(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn,
                  micro_sizes: Sequence[int] = DEFAULT_MICRO_SIZES, clone: nn.Module | None = None,
-                 per_layer: bool = False) -> dict:
+                 per_layer: bool = False, compiled: bool = False) -> dict:
     """Relative gap between mean micro-batch gradient and full-batch gradient per micro-batch size.
 
     Sizes ``b`` with ``b >= len(inputs)`` are dropped; for each ``b`` the first ``(n // b) * b``
@@ -50,9 +57,9 @@ def coupling_gap(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Los
         k = n_total // b
         n = k * b
         if n not in fulls:
-            fulls[n] = batch_gradient(model, inputs[:n], targets[:n], loss_fn, clone=clone)
+            fulls[n] = batch_gradient(model, inputs[:n], targets[:n], loss_fn, clone=clone, compiled=compiled)
         full = fulls[n]
-        micro = micro_batch_gradients(model, inputs[:n], targets[:n], loss_fn, k, clone=clone)
+        micro = micro_batch_gradients(model, inputs[:n], targets[:n], loss_fn, k, clone=clone, compiled=compiled)
         diff_sq, full_sq = 0.0, 0.0
         per: dict[str, list[float]] = {}
         for name, g in micro.items():
@@ -81,18 +88,20 @@ class CouplingGap(Probe):
     hook = "on_after_backward"
 
     def __init__(self, every: int = 500, micro_sizes: Sequence[int] = DEFAULT_MICRO_SIZES, per_layer: bool = False,
-                 path: str | os.PathLike | None = None) -> None:
+                 path: str | os.PathLike | None = None, *, compiled: bool = False) -> None:
         super().__init__(every, path)
         self.micro_sizes = tuple(micro_sizes)
         if not self.micro_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                                        for b in self.micro_sizes):
             raise ValueError(f"micro_sizes={micro_sizes!r} is not valid; allowed: integers >= 1")
         self.per_layer = per_layer
+        self.compiled = check_compiled(compiled)
         self._copy = ProbeCopy()
 
     def config(self) -> dict:
-        return {**super().config(), "micro_sizes": list(self.micro_sizes), "per_layer": self.per_layer}
+        return {**super().config(), "micro_sizes": list(self.micro_sizes), "per_layer": self.per_layer,
+                "compiled": self.compiled}
 
     def measure(self, state: Any) -> dict | None:
         return coupling_gap(state.model, state.inputs, state.targets, state.loss_fn, self.micro_sizes,
-                            clone=self._copy.get(state.model), per_layer=self.per_layer)
+                            clone=self._copy.get(state.model), per_layer=self.per_layer, compiled=self.compiled)

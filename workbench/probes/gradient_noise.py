@@ -47,6 +47,7 @@ from workbench.probes.base import Probe
 from workbench.probes.microbatch import (
     ProbeCopy,
     batch_gradient,
+    check_compiled,
     check_micro_batches,
     flat_norm_sq,
     micro_batch_gradients,
@@ -138,17 +139,19 @@ class GradientNoiseScale(_NoiseScaleProbe):
     """
 
     def __init__(self, every: int = 50, micro_batches: int = 4, method: str = "micro", ema: float = 0.9,
-                 path: str | os.PathLike | None = None) -> None:
+                 path: str | os.PathLike | None = None, *, compiled: bool = False) -> None:
         super().__init__(every, ema, path)
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not valid; allowed: {METHODS}")
         check_micro_batches(micro_batches, micro_batches)
         self.method = method
         self.micro_batches = micro_batches
+        self.compiled = check_compiled(compiled)
         self._copy = ProbeCopy()
 
     def config(self) -> dict:
-        return {**super().config(), "method": self.method, "micro_batches": self.micro_batches, "ema": self._g2.beta}
+        return {**super().config(), "method": self.method, "micro_batches": self.micro_batches, "ema": self._g2.beta,
+                "compiled": self.compiled}
 
     def measure(self, state: Any) -> dict | None:
         model, x, y = state.model, state.inputs, state.targets
@@ -156,18 +159,18 @@ class GradientNoiseScale(_NoiseScaleProbe):
         b = check_micro_batches(x.shape[0], k)
         clone = self._copy.get(model)
         if self.method == "micro":
-            grads = micro_batch_gradients(model, x, y, state.loss_fn, k, clone=clone)
+            grads = micro_batch_gradients(model, x, y, state.loss_fn, k, clone=clone, compiled=self.compiled)
             sq_small = float(flat_norm_sq(grads, dim0=True).mean())
             sq_big = float(flat_norm_sq({n: g.mean(0) for n, g in grads.items()}))
             big = k * b
         else:
             params = [p for p in model.parameters() if p.requires_grad]
             if any(p.grad is None for p in params):
-                full = batch_gradient(model, x, y, state.loss_fn, clone=clone)
+                full = batch_gradient(model, x, y, state.loss_fn, clone=clone, compiled=self.compiled)
                 sq_big = float(flat_norm_sq(full))
             else:
                 sq_big = float(sum(p.grad.detach().double().square().sum() for p in params))
-            small = batch_gradient(model, x[:b], y[:b], state.loss_fn, clone=clone)
+            small = batch_gradient(model, x[:b], y[:b], state.loss_fn, clone=clone, compiled=self.compiled)
             sq_small = float(flat_norm_sq(small))
             big = x.shape[0]
         return self._estimate(sq_small, sq_big, b, big)

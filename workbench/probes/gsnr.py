@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from workbench.probes.base import Probe
-from workbench.probes.microbatch import ProbeCopy, check_micro_batches, micro_batch_gradients
+from workbench.probes.microbatch import ProbeCopy, check_compiled, check_micro_batches, micro_batch_gradients
 
 
 def layer_of(param_name: str) -> str:
@@ -77,17 +77,19 @@ class GradientSNR(Probe):
 
     # every=100: a firing step costs ~8 ordinary steps on an H100 (resnet20, batch 64; ~2.4 on CPU), so
     # the default schedule stays under the 1.1x overhead budget (benchmarks/probes-cuda-h100.md).
-    def __init__(self, every: int = 100, micro_batches: int = 8, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, every: int = 100, micro_batches: int = 8, path: str | os.PathLike | None = None, *,
+                 compiled: bool = False) -> None:
         super().__init__(every, path)
         check_micro_batches(micro_batches, micro_batches)
         self.micro_batches = micro_batches
+        self.compiled = check_compiled(compiled)
         self._copy = ProbeCopy()
 
     def config(self) -> dict:
-        return {**super().config(), "micro_batches": self.micro_batches}
+        return {**super().config(), "micro_batches": self.micro_batches, "compiled": self.compiled}
 
     def measure(self, state: Any) -> dict | None:
         b = check_micro_batches(state.inputs.shape[0], self.micro_batches)
         grads = micro_batch_gradients(state.model, state.inputs, state.targets, state.loss_fn, self.micro_batches,
-                                      clone=self._copy.get(state.model))
+                                      clone=self._copy.get(state.model), compiled=self.compiled)
         return {**gsnr_from_micro_gradients(grads), "b": b}

@@ -17,6 +17,7 @@ plain deep copy in training mode. Both return ``{parameter name: (k, *shape)}``.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -96,40 +97,66 @@ def check_micro_batches(batch: int, micro_batches: int) -> int:
     return batch // micro_batches
 
 
-def micro_batch_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, micro_batches: int,
-                          clone: nn.Module | None = None, chunk_size: int | None = None) -> dict[str, Tensor]:
-    """Gradients of ``loss_fn`` on ``micro_batches`` equal micro-batches of ``inputs``, in one
-    vectorised pass; ``{name: (k, *param.shape)}`` for every trainable parameter.
+def check_compiled(compiled: bool) -> bool:
+    if not isinstance(compiled, bool):
+        raise ValueError(f"compiled={compiled!r} is not valid; allowed: True, False")
+    return compiled
 
-    ``clone``: a :func:`probe_copy` of ``model`` to reuse (built when ``None``). ``chunk_size``
-    bounds how many micro-batches vmap evaluates at once (memory).
-    """
-    b = check_micro_batches(inputs.shape[0], micro_batches)
-    k = micro_batches
-    clone = clone if clone is not None else probe_copy(model)
-    trainable, frozen = split_params(model)
-    rest = {**frozen, **_buffers_for(clone, model)}
-    xs = inputs[: k * b].reshape(k, b, *inputs.shape[1:])
-    ys = targets[: k * b].reshape(k, b, *targets.shape[1:])
 
+def _vmapped_gradients(clone: nn.Module, trainable: dict[str, Tensor], rest: dict[str, Tensor], xs: Tensor,
+                       ys: Tensor, loss_fn: LossFn, chunk_size: int | None) -> dict[str, Tensor]:
     def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return loss_fn(functional_call(clone, {**params, **rest}, (x,)), y)
 
     return vmap(grad(loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)(trainable, xs, ys)
 
 
-def batch_gradient(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn,
-                   clone: nn.Module | None = None) -> dict[str, Tensor]:
-    """Gradient of ``loss_fn`` on the whole of ``inputs``, normalised together, on the probe copy
-    (the real model's gradients and running statistics are untouched)."""
+def _whole_gradient(clone: nn.Module, trainable: dict[str, Tensor], rest: dict[str, Tensor], x: Tensor, y: Tensor,
+                    loss_fn: LossFn) -> dict[str, Tensor]:
+    def loss(params: dict[str, Tensor]) -> Tensor:
+        return loss_fn(functional_call(clone, {**params, **rest}, (x,)), y)
+
+    return grad(loss)(trainable)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # one compiled wrapper per function for the whole process, so every probe shares dynamo's cache
+    return torch.compile(fn)
+
+
+def micro_batch_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn, micro_batches: int,
+                          clone: nn.Module | None = None, chunk_size: int | None = None,
+                          compiled: bool = False) -> dict[str, Tensor]:
+    """Gradients of ``loss_fn`` on ``micro_batches`` equal micro-batches of ``inputs``, in one
+    vectorised pass; ``{name: (k, *param.shape)}`` for every trainable parameter.
+
+    ``clone``: a :func:`probe_copy` of ``model`` to reuse (built when ``None``). ``chunk_size``
+    bounds how many micro-batches vmap evaluates at once (memory). ``compiled``: run the pass
+    through ``torch.compile`` (see the module docstring).
+    """
+    b = check_micro_batches(inputs.shape[0], micro_batches)
+    check_compiled(compiled)
+    k = micro_batches
     clone = clone if clone is not None else probe_copy(model)
     trainable, frozen = split_params(model)
     rest = {**frozen, **_buffers_for(clone, model)}
+    xs = inputs[: k * b].reshape(k, b, *inputs.shape[1:])
+    ys = targets[: k * b].reshape(k, b, *targets.shape[1:])
+    run = _compiled(_vmapped_gradients) if compiled else _vmapped_gradients
+    return run(clone, trainable, rest, xs, ys, loss_fn, chunk_size)
 
-    def loss(params: dict[str, Tensor]) -> Tensor:
-        return loss_fn(functional_call(clone, {**params, **rest}, (inputs,)), targets)
 
-    return grad(loss)(trainable)
+def batch_gradient(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn,
+                   clone: nn.Module | None = None, compiled: bool = False) -> dict[str, Tensor]:
+    """Gradient of ``loss_fn`` on the whole of ``inputs``, normalised together, on the probe copy
+    (the real model's gradients and running statistics are untouched)."""
+    check_compiled(compiled)
+    clone = clone if clone is not None else probe_copy(model)
+    trainable, frozen = split_params(model)
+    rest = {**frozen, **_buffers_for(clone, model)}
+    run = _compiled(_whole_gradient) if compiled else _whole_gradient
+    return run(clone, trainable, rest, inputs, targets, loss_fn)
 
 
 def micro_batch_gradients_loop(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: LossFn,

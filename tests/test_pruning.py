@@ -294,16 +294,35 @@ def test_round_to_keeps_multiples() -> None:
     _, report = prune(model, 0.5, torch.randn(1, 3, 8, 8), round_to=8, latency=False)
     kept = [report.layers[f"features.{i}"][1] for i in (1, 4, 7, 10)]
     assert all(k % 8 == 0 for k in kept) and sum(kept) < 144
-    with pytest.raises(ValueError, match="round_to"):
+    assert report.round_to == 8
+    with pytest.raises(ValueError, match=r"round_to=0 is not valid; allowed: None, 'auto'"):
         prune(model, 0.5, torch.randn(1, 3, 8, 8), round_to=0)
+
+
+def test_round_to_auto_is_the_devices_multiple(monkeypatch) -> None:
+    from workbench.pruning import preferred_round_to
+
+    model = randomise_scales(Chain(widths=(24, 32, 40, 48)))
+    for capability, multiple in (("AVX512", 16), ("AVX2", 8), ("DEFAULT", 8)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert preferred_round_to("cpu") == multiple
+        _, report = prune(model, 0.5, torch.randn(1, 3, 8, 8), round_to="auto", latency=False)
+        kept = [report.layers[f"features.{i}"][1] for i in (1, 4, 7, 10)]
+        assert report.round_to == multiple and all(k % multiple == 0 for k in kept)
+    assert preferred_round_to("meta") == 8
 
 
 def test_benchmark_quick_runs(capsys) -> None:
     from workbench.benchmarks.pruning import main
+    from workbench.pruning import preferred_round_to
 
     assert main(["--quick", "--models", "pspnet_resnet18", "--ratios", "0.5", "--runs", "1", "--size", "32", "32"]) == 0
     out = capsys.readouterr().out
     assert "pspnet_resnet18 | eager | 0.50" in out and "efficiency" in out
+    assert f"round_to {preferred_round_to('cpu')}," in out  # auto: the CPU's multiple
+    with pytest.raises(SystemExit):
+        main(["--round-to", "nine"])
+    assert "--round-to: 'nine' is not valid; allowed: auto or an integer >= 0" in capsys.readouterr().err
 
 
 def _resnet_cases() -> list:

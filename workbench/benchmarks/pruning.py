@@ -9,9 +9,10 @@ The BN scales are drawn at random (seeded) before pruning, standing in for a spa
 network (a freshly initialised one has every scale equal to 1, which would make the global
 threshold meaningless). Latency depends only on the pruned shapes, not on the weights.
 
-Kept channel counts are rounded up to multiples of ``--round-to`` (default 8): convolution kernels
-(tensor cores, oneDNN's blocked layouts) slow down a lot on odd channel counts, which the FLOPs
-count does not see. The models run channels-last on CUDA (cuDNN autotuning every shape) and on
+Kept channel counts are rounded up to multiples of ``--round-to`` (default ``auto``: 16 on
+AVX-512 CPUs, else 8; :func:`workbench.pruning.preferred_round_to`): convolution kernels (tensor
+cores, oneDNN's blocked layouts) slow down a lot on odd channel counts, which the FLOPs count does
+not see. The models run channels-last on CUDA (cuDNN autotuning every shape) and on
 CPU, the baseline included: oneDNN's convolutions work in a channels-last blocked layout, and a
 contiguous (NCHW) tensor is reordered before and after every convolution, a memory pass that
 shrinks only linearly with the channels. Every latency is taken under ``torch.inference_mode()``,
@@ -51,6 +52,18 @@ TARGET_EFFICIENCY = 0.8
 MODES = ("eager", "fold-bn", "compile")
 FULL = {"models": ("segnet", "pspnet_resnet50", "icnet"), "width": 1.0, "size": (128, 256), "runs": 10}
 QUICK = {"models": ("segnet", "pspnet_resnet18", "icnet"), "width": 0.25, "size": (64, 64), "runs": 5}
+
+
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; allowed: auto or an integer >= 0 (0: off)")
+    return value
 
 
 def _describe(device: torch.device) -> str:
@@ -216,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-format", default="auto", choices=["auto", "contiguous", "channels_last"],
                         help="auto: channels_last on CUDA and CPU (cuDNN's and oneDNN's fast layout), "
                              "contiguous elsewhere")
-    parser.add_argument("--round-to", type=int, default=8, help="kept channels per layer rounded up to this; 0: off")
+    parser.add_argument("--round-to", type=_round_to, default="auto",
+                        help="kept channels per layer rounded up to this; 0: off; auto (default): the device's "
+                             "preferred multiple (16 on AVX-512 CPUs, else 8)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
                         help="forms to time, each against its own baseline (default: eager)")
     parser.add_argument("--compile", action="store_true", help="same as --modes compile")
@@ -236,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = list(args.modes or []) + (["compile"] if args.compile else [])
     modes = tuple(dict.fromkeys(modes or ["eager"]))
     device = resolve_device(args.device)
+    if args.round_to == "auto":
+        from workbench.pruning import preferred_round_to
+
+        args.round_to = preferred_round_to(device)
     if args.breakdown and device.type != "cpu":
         parser.error(f"--breakdown needs --device cpu (profiled CPU time), got {device}")
     if args.threads is not None:

@@ -1,7 +1,7 @@
 """BN-scale sparsity (Network Slimming, CAP's CAGM + CAGS), channel pruning with Torch-Pruning, cost."""
 
 from workbench.pruning.cagm import CAGM, CAGMSet, attach_cagms, compute_guidance, default_sites
-from workbench.pruning.cost import count_flops, count_params, measure_latencies, measure_latency
+from workbench.pruning.cost import count_flops, count_params, measure_latencies, measure_latency, preferred_round_to
 from workbench.pruning.fold import fold_batchnorm
 from workbench.pruning.importance import EffectiveScaleImportance, effective_scale, iebn_mean_attention
 from workbench.pruning.prune import METHODS, PruneReport, prune
@@ -22,5 +22,6 @@ __all__ = [
     "EffectiveScaleImportance", "PerChannelNormPruner", "PruneReport", "attach_cagms", "attach_spec",
     "bn_scales", "build_from_spec", "compute_guidance", "count_flops", "count_params", "default_customized_pruners",
     "default_lambda", "default_sites", "effective_scale", "fold_batchnorm", "iebn_mean_attention", "load_pruned",
-    "make_spec", "measure_latencies", "measure_latency", "prune", "save_pruned", "soft_threshold_", "sparsity_fraction",
+    "make_spec", "measure_latencies", "measure_latency", "preferred_round_to", "prune", "save_pruned",
+    "soft_threshold_", "sparsity_fraction",
 ]

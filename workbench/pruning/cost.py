@@ -64,6 +64,21 @@ def _as_args(inputs: Any) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
+def preferred_round_to(device: str | torch.device) -> int:
+    """The channel multiple a device's convolutions run best on, for ``prune(round_to=...)``.
+
+    oneDNN (CPU) blocks channels by the SIMD width in floats: 16 with AVX-512, 8 with AVX2, and pads
+    a partial block with zeros it still computes. On the 2-core AVX-512 development machine (segnet,
+    width 0.5, 128x128, batch 8, 1 thread) rounding to 16 instead of 8 raised the speedup-per-FLOPs
+    efficiency at prune ratio 0.5 from 0.76 to 0.98 and at 0.7 from 0.62 to 0.80, the 0.7 latency
+    being equal (5.6x) with 30% more FLOPs kept. CUDA tensor cores take multiples of 8.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+    return 8
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -112,6 +112,31 @@ def test_exit_restores_model_exactly_also_after_exception(norm):
     assert same_state(net.state_dict(), before)
 
 
+@pytest.mark.parametrize("norm", ["bn", "iebn"])
+def test_noise_reaches_a_compiled_model_and_leaves_it_clean(norm):
+    # the README advises torch.compile(model) on a GPU: the hooks patch forwards at run time, so the
+    # compiled model must see them while installed (dynamo's guards) and not after
+    net = small_net(NORMS[norm]).train()
+    compiled = torch.compile(net)
+    x = batch()
+    start = snapshot(net)
+
+    def run(model):
+        out = model(x).detach()
+        net.load_state_dict(start)  # the running statistics stay put between calls
+        return out
+
+    clean = run(compiled)
+    torch.testing.assert_close(clean, run(net), rtol=1e-5, atol=1e-5)
+    for kind in ("mean", "feature"):
+        with batch_stat_noise(net, 1.0, kind=kind, seed=3):
+            noisy = run(compiled)
+        with batch_stat_noise(net, 1.0, kind=kind, seed=3):  # a fresh handle: the same first draw
+            torch.testing.assert_close(noisy, run(net), rtol=1e-5, atol=1e-5)
+        assert (noisy - clean).abs().max() > 1e-2
+        torch.testing.assert_close(run(compiled), clean, rtol=0, atol=1e-6)
+
+
 def test_iebn_flags_restored():
     net = small_net(IEBN2d)
     seen = []

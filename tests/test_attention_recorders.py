@@ -297,3 +297,34 @@ def test_recordings_stay_on_the_gpu_until_reduced():
     stats = collect_attention(model, loader, num_classes=10)
     assert all(not v.is_cuda for v in stats.mean.values()) and all(not v.is_cuda for v in stats.class_mean.values())
     assert isinstance(gate_summary(dia.states())["gates"]["layer1"]["i"][0], float)
+
+
+def test_recorders_and_cagms_see_a_compiled_model(monkeypatch):
+    # dynamo skips hook guards by default: a hook added after compiling was never called, and a
+    # recorder on a compiled model recorded nothing (workbench.nn.hooks.watch_hooks)
+    import torch._dynamo
+
+    from workbench.pruning.cagm import CAGM
+
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # dynamo's default
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), IEBN2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+    _randomise_gates(net)
+    compiled = torch.compile(net)
+    x = torch.randn(2, 3, 6, 6)
+    compiled(x)  # compiled before any hook exists
+    with AttentionRecorder(net) as rec:
+        compiled(x)
+    assert list(rec.attention) == ["1"]
+    torch.testing.assert_close(rec.attention["1"], AttentionRecorder(net).attribute(x)["1"])
+    rec.clear()
+    compiled(x)
+    assert rec.attention == {} and _hook_count(net) == 0  # removed hooks are gone from the graph too
+    cagm = CAGM(net[4])
+    compiled.train()(x)
+    assert cagm.updates == 1
+    cagm.remove()
+    compiled(x)
+    assert cagm.updates == 1

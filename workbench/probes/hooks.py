@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from workbench.nn.hooks import watch_hooks
+
 
 class HookRecorder:
     """Base for recorders; subclasses register their hooks in :meth:`_register` with :meth:`_keep`."""
@@ -27,6 +29,7 @@ class HookRecorder:
         if self._handles:
             raise RuntimeError(f"this {type(self).__name__} is already active; it cannot be entered twice")
         try:
+            watch_hooks()
             # The model pre-hook marks forward boundaries for the per-forward call counts.
             self._keep(self.model.register_forward_pre_hook(self._reset_calls))
             self._register()

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.nn.hooks import watch_hooks
 from workbench.pruning.importance import is_norm
 
 Affinity = Callable[[torch.Tensor], torch.Tensor]
@@ -105,6 +106,7 @@ class CAGM:
         self.bn = bn
         self.guidance = torch.full((bn.num_features,), 0.5, device=bn.weight.device)
         self.updates = 0
+        watch_hooks()
         self._handle = bn.register_forward_hook(self._hook)
 
     @torch.no_grad()

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from workbench.nn.hooks import watch_hooks
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # exact types only: a subclass (IEBN) adds behaviour a per-channel affine map does not capture
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -58,6 +60,7 @@ def _conv_bn_pairs(model: nn.Module, args: tuple) -> list[tuple[str, str]]:
         if hit is not None and hit[1] is inputs[0] and hit[1]._version == hit[2]:
             candidates.append((hit[0], module))
 
+    watch_hooks()
     handles = []
     for m in model.modules():
         if type(m) in _CONVS:

@@ -25,6 +25,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from workbench.nn.hooks import watch_hooks
+
 GROUP_REDUCTIONS = ("mean", "max", "sum")
 
 
@@ -143,6 +145,7 @@ def iebn_mean_attention(model: nn.Module, data: Any, device: str | torch.device 
         return layer.register_forward_hook(input_hook)
 
     modes = {m: m.training for m in model.modules()}
+    watch_hooks()
     handles = [attach(m) for m in names]
     model.eval()
     try:

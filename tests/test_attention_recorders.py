@@ -245,6 +245,7 @@ def test_dia_recorder_gates_and_states(name, blocks):
     assert _hook_count(model) == 0
     states = rec.states()
     assert list(states) == ["layer1", "layer2", "layer3"]
+    assert list(DIARecorder(torch.compile(model)).cells) == list(states)  # no "_orig_mod." prefix
     attention = att_rec.attention
     for stage, per_block in states.items():
         assert len(per_block) == blocks
@@ -299,14 +300,17 @@ def test_recordings_stay_on_the_gpu_until_reduced():
     assert isinstance(gate_summary(dia.states())["gates"]["layer1"]["i"][0], float)
 
 
-def test_recorders_and_cagms_see_a_compiled_model(monkeypatch):
+def test_recorders_and_cagms_see_a_compiled_model():
     # dynamo skips hook guards by default: a hook added after compiling was never called, and a
-    # recorder on a compiled model recorded nothing (workbench.nn.hooks.watch_hooks)
+    # recorder on a compiled model recorded nothing (workbench.nn.compiled.watch_hooks)
     import torch._dynamo
 
-    from workbench.pruning.cagm import CAGM
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # dynamo's default, restored after
+        _recorders_and_cagms_on_a_compiled_model()
 
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # dynamo's default
+
+def _recorders_and_cagms_on_a_compiled_model():
+    from workbench.pruning.cagm import CAGM
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), IEBN2d(4), nn.ReLU(),
@@ -319,6 +323,7 @@ def test_recorders_and_cagms_see_a_compiled_model(monkeypatch):
         compiled(x)
     assert list(rec.attention) == ["1"]
     torch.testing.assert_close(rec.attention["1"], AttentionRecorder(net).attribute(x)["1"])
+    assert list(AttentionRecorder(compiled).probes) == ["1"]  # names of the module inside the wrapper
     rec.clear()
     compiled(x)
     assert rec.attention == {} and _hook_count(net) == 0  # removed hooks are gone from the graph too

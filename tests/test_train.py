@@ -111,6 +111,29 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_model_checkpoints_plain_keys_and_probes_see_through_it(tmp_path):
+    # the README suggests torch.compile(model) on a GPU: its wrapper prefixes every name with
+    # "_orig_mod." and keeps forward as an instance attribute, which the probe copies used to strip
+    from workbench.probes import GradientSNR, micro_batch_gradients_loop
+
+    train, _ = _loaders()
+    compiled = torch.compile(_toy_model())
+    probe = GradientSNR(every=2, micro_batches=4)
+    fit(compiled, train, epochs=1, max_steps=3, device="cpu", progress=False, checkpoint_dir=tmp_path,
+        callbacks=[probe])
+    state = load_checkpoint(tmp_path / "last.pt")["model"]
+    plain = _toy_model()
+    assert list(state) == list(plain.state_dict())
+    plain.load_state_dict(state)
+    assert set(probe.log().records[0]["layers"]) == {"0", "1", "5"}  # the plain module's layer names
+    x, y = next(iter(train))
+    through = micro_batch_gradients_loop(compiled, x, y, nn.functional.cross_entropy, 4)
+    direct = micro_batch_gradients_loop(plain, x, y, nn.functional.cross_entropy, 4)
+    assert list(through) == list(direct)
+    for name in direct:
+        torch.testing.assert_close(through[name], direct[name])
+
+
 def test_non_finite_loss_names_epoch_and_step():
     train, _ = _loaders()
     model = _toy_model()

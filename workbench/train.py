@@ -23,6 +23,7 @@ from torch import nn
 from workbench.callbacks import Callback
 from workbench.device import autocast_dtype, resolve_device
 from workbench.io import atomic_open
+from workbench.nn.compiled import unwrap_model
 
 TASKS = ("classification", "segmentation")
 
@@ -199,9 +200,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel/DataParallel wrapper (checkpoints hold its keys,
-    so a DDP checkpoint loads in one process and vice versa)."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    """The module inside DistributedDataParallel/DataParallel and ``torch.compile`` wrappers
+    (checkpoints hold its keys, so a DDP or compiled run's checkpoint loads into a plain model in
+    one process and vice versa)."""
+    return unwrap_model(model)
 
 
 def _checkpoint(state: TrainState, callbacks: Sequence[Callback]) -> dict:
@@ -333,7 +335,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
                   "train_acc": correct / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
                   "time": time.perf_counter() - started}
         if val_loader is not None:
-            # the bare module: evaluation is local and must not enter DDP's collective forward
+            # the bare module: evaluation is local and must not enter DDP's collective forward (it runs eagerly)
             metrics = evaluate(unwrap(model), val_loader, device, task=task, num_classes=num_classes,
                                ignore_index=ignore_index, loss_fn=loss_fn, amp=amp)
             record.update({f"val_{k}": v for k, v in metrics.items() if k != "per_class_iou"})

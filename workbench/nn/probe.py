@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from workbench.nn.compiled import unwrap_model
+
 ATTENTION_KINDS = ("iebn", "se", "dia")
 
 
@@ -40,5 +42,6 @@ def attention_probes(model: nn.Module, kinds: str | tuple[str, ...] | None = Non
         bad = [k for k in kinds if k not in ATTENTION_KINDS]
         if bad:
             raise ValueError(f"kinds={kinds!r} contains {bad}; allowed: {ATTENTION_KINDS}")
-    return {name: m for name, m in model.named_modules()
+    # names as in the module inside a torch.compile wrapper, so they do not depend on compiling
+    return {name: m for name, m in unwrap_model(model, parallel=False).named_modules()
             if isinstance(m, AttentionProbe) and (kinds is None or m.kind in kinds)}

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from workbench.nn.compiled import unwrap_model
 from workbench.nn.dia import DIALSTMCell, dia_lstm_gates
 from workbench.probes.hooks import HookRecorder
 
@@ -28,7 +29,7 @@ def dia_cells(model: nn.Module) -> dict[str, DIALSTMCell]:
     """Stage name -> DIA-LSTM cell. A stage is named after the module holding its cell
     (``layer1`` for ``layer1.dia``); a cell at the top level keeps its own name."""
     cells = {}
-    for name, module in model.named_modules():
+    for name, module in unwrap_model(model, parallel=False).named_modules():
         if isinstance(module, DIALSTMCell):
             stage = name.rsplit(".", 1)[0] if "." in name else name
             cells[stage if stage not in cells else name] = module

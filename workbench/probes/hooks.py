@@ -10,14 +10,14 @@ from typing import Any
 
 from torch import nn
 
-from workbench.nn.hooks import watch_hooks
+from workbench.nn.compiled import unwrap_model, watch_hooks
 
 
 class HookRecorder:
     """Base for recorders; subclasses register their hooks in :meth:`_register` with :meth:`_keep`."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model = unwrap_model(model, parallel=False)
         self._handles: list[Any] = []
         self._calls: dict[str, int] = {}
 

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
+from workbench.nn.compiled import unwrap_model
+
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
@@ -44,7 +46,7 @@ def strip_instrumentation(model: nn.Module) -> nn.Module:
 
 def probe_copy(model: nn.Module) -> nn.Module:
     """A training-mode deep copy for functional probing (see the module docstring)."""
-    clone = copy.deepcopy(model)
+    clone = copy.deepcopy(unwrap_model(model, parallel=False))
     strip_instrumentation(clone)
     for p in clone.parameters():
         p.grad = None
@@ -65,6 +67,7 @@ class ProbeCopy:
         self._sig: tuple | None = None
 
     def get(self, model: nn.Module) -> nn.Module:
+        model = unwrap_model(model, parallel=False)
         sig = _signature(model)
         if self._clone is None or sig != self._sig:
             self._clone, self._sig = probe_copy(model), sig
@@ -137,6 +140,7 @@ def micro_batch_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, los
     """
     b = check_micro_batches(inputs.shape[0], micro_batches)
     check_compiled(compiled)
+    model = unwrap_model(model, parallel=False)
     k = micro_batches
     clone = clone if clone is not None else probe_copy(model)
     trainable, frozen = split_params(model)
@@ -152,6 +156,7 @@ def batch_gradient(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: L
     """Gradient of ``loss_fn`` on the whole of ``inputs``, normalised together, on the probe copy
     (the real model's gradients and running statistics are untouched)."""
     check_compiled(compiled)
+    model = unwrap_model(model, parallel=False)
     clone = clone if clone is not None else probe_copy(model)
     trainable, frozen = split_params(model)
     rest = {**frozen, **_buffers_for(clone, model)}
@@ -165,6 +170,7 @@ def micro_batch_gradients_loop(model: nn.Module, inputs: Tensor, targets: Tensor
     micro-batch on a plain training-mode deep copy (``clone``, built when ``None``; its running
     statistics advance, the real model's do not)."""
     b = check_micro_batches(inputs.shape[0], micro_batches)
+    model = unwrap_model(model, parallel=False)
     if clone is None:
         clone = strip_instrumentation(copy.deepcopy(model))
     clone.train()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.nn.hooks import watch_hooks
+from workbench.nn.compiled import watch_hooks
 from workbench.pruning.importance import is_norm
 
 Affinity = Callable[[torch.Tensor], torch.Tensor]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from workbench.nn.hooks import watch_hooks
+from workbench.nn.compiled import watch_hooks
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # exact types only: a subclass (IEBN) adds behaviour a per-channel affine map does not capture

@@ -25,7 +25,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from workbench.nn.hooks import watch_hooks
+from workbench.nn.compiled import watch_hooks
 
 GROUP_REDUCTIONS = ("mean", "max", "sum")
 

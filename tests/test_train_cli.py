@@ -124,6 +124,8 @@ def test_nested_config_keys_and_values_are_checked(tmp_path):
         ({"sparsity": {"method": "l1", "mode": "ista"}}, r"sparsity.mode='ista' is not valid; allowed: \('subgr"),
         ({"sparsity": {"method": "l1", "sites": ["bn1"]}}, r"sparsity.sites applies to method 'cags' only"),
         ({"probes": {"gsnr": {"every": 0}}}, r"probes.gsnr.every=0 is not valid; allowed: an integer >= 1"),
+        ({"compile": "yes"}, r"compile='yes' is not valid; allowed: true, false"),
+        ({"augment": 1}, r"augment=1 is not valid; allowed: true, false"),
         ({"probes": {"gsnr": {"compiled": "yes"}}}, r"probes.gsnr.compiled='yes' is not valid; allowed: True, False"),
         ({"probes": {"gradient_noise_scale": {"method": "exact"}}},
          r"probes.gradient_noise_scale.method='exact' is not valid; allowed: \('auto', 'micro', 'two_batch', 'ddp'\)"),

@@ -23,7 +23,7 @@ from torch import nn
 from workbench.callbacks import Callback
 from workbench.device import autocast_dtype, resolve_device
 from workbench.io import atomic_open
-from workbench.nn.compiled import unwrap_model
+from workbench.nn.compiled import unwrap_model, watch_hooks
 
 TASKS = ("classification", "segmentation")
 
@@ -251,7 +251,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
         loss_fn: Callable | None = None,
         ignore_index: int = 255, aux_weight: float = 0.4, num_classes: int | None = None,
         grad_clip: float | None = None, max_steps: int | None = None, progress: bool = True,
-        log_every: int = 1) -> FitResult:
+        log_every: int = 1, compile: bool = False) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; validate after each when ``val_loader`` is given.
 
     ``scheduler`` steps once per epoch (``scheduler_interval="epoch"``) or per optimiser step
@@ -259,8 +259,17 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
     history) is written atomically after every epoch as ``last.pt`` (by the process with
     ``write_checkpoints``: rank 0 under DDP); ``resume=True`` continues from it. A NaN/inf loss
     stops training with :class:`NonFiniteLossError` naming the epoch and step.
+
+    ``compile``: train through ``torch.compile(model)`` (eager GPU steps are bound by kernel
+    launches: an IEBN ResNet-164 step costs 2.3-2.8x a BN step on an H100, a compiled IEBN layer
+    1.14-1.30x a compiled BN layer). Only the training forward runs compiled (the first steps
+    compile); callbacks, checkpoints, validation and :class:`FitResult` see the plain ``model``, and
+    hooks added or removed on it during training reach the compiled graph (dynamo's hook guards are
+    turned on, :func:`workbench.nn.compiled.watch_hooks`).
     """
     _check_task(task)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r} is not valid; allowed: True, False")
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs={epochs!r} must be a non-negative integer")
     if scheduler_interval not in ("epoch", "step"):
@@ -273,6 +282,10 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
     optimizer = optimizer or default_optimizer(model)
     loss_fn = loss_fn or default_loss_fn(task, ignore_index, aux_weight)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    net = model
+    if compile:
+        net = torch.compile(model)
+        watch_hooks()
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, device=device, task=task,
                        loss_fn=loss_fn, amp_dtype=amp_dtype)
     start_epoch = 0
@@ -296,7 +309,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
             for cb in callbacks:
                 cb.on_step_start(state)
             with _autocast(device, amp_dtype):
-                state.outputs = model(state.inputs)
+                state.outputs = net(state.inputs)
                 state.loss = loss_fn(state.outputs, state.targets)
             if not torch.isfinite(state.loss):
                 raise NonFiniteLossError(

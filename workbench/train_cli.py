@@ -109,6 +109,7 @@ class TrainConfig:
     augment: bool = True
     amp: str = "off"
     channels_last: bool = False
+    compile: bool = False  # train through torch.compile (see workbench.train.fit)
     seed: int = 0
     device: str = "auto"
     output: str = "checkpoints/train"
@@ -334,6 +335,9 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"schedule={cfg.schedule!r}; allowed: {SCHEDULES}")
     if cfg.amp not in AMP_CHOICES:
         raise ValueError(f"amp={cfg.amp!r}; allowed: {AMP_CHOICES}")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in ("bool", bool) and not isinstance(getattr(cfg, f.name), bool):
+            raise ValueError(f"{f.name}={getattr(cfg, f.name)!r} is not valid; allowed: true, false")
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be >= 1")
@@ -736,7 +740,7 @@ def train(cfg: TrainConfig) -> dict:
                          optimizer=t.optimizer, scheduler=t.scheduler, scheduler_interval=t.interval, device=device,
                          amp=cfg.amp, checkpoint_dir=str(out), resume=cfg.resume, write_checkpoints=info.is_main,
                          task=t.task, max_steps=cfg.max_steps, progress=cfg.progress and info.is_main,
-                         callbacks=t.callbacks)
+                         callbacks=t.callbacks, compile=cfg.compile)
         finally:
             for cb in t.callbacks:  # hooks and patches go, also when training raised
                 for target in (cb, getattr(cb, "callback", None)):

@@ -3,11 +3,16 @@
 Synthetic data isolates the model's cost from data loading: a CIFAR-100-shaped epoch is 50,000
 32x32 images in batches of 128 (390 optimiser steps). The timed steps are extrapolated to one epoch
 and every variant is reported against plain BN measured in the same run.
+
+``--compile`` adds each variant through ``torch.compile`` in fp32 (what ``fit(compile=True)`` and
+``workbench train --compile`` run), reported against compiled BN and against the same variant
+eager; the untimed warm-up steps include compiling.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -16,6 +21,7 @@ from workbench.benchmarks import write_results
 from workbench.device import autocast_dtype, describe_device, resolve_device
 
 EPOCH_IMAGES = 50_000
+VARIANTS = (("bn", "none"), ("iebn", "none"), ("bn", "se"), ("bn", "dia"))
 
 
 def time_training(model_name: str, norm: str, attention: str, device: torch.device, batch_size: int = 128,
@@ -68,27 +74,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="resnet20, few steps (CPU smoke run)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every variant through torch.compile (fp32; compiling takes minutes)")
     parser.add_argument("--output", help="write JSON and markdown tables to this folder")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     model, steps = ("resnet20", 3) if args.quick else (args.model, args.steps)
     cuda = device.type == "cuda"
-    settings = [("off", False)] + ([("bf16", False), ("bf16", True)] if cuda else [])
+    settings = [("off", False, False)] + ([("bf16", False, False), ("bf16", True, False)] if cuda else [])
+    settings += [("off", False, True)] if args.compile else []
     rows = []
-    for amp, cl in settings:
+    eager: dict[tuple, float] = {}
+    for amp, cl, compiled in settings:
         base = None
-        for norm, attention in (("bn", "none"), ("iebn", "none"), ("bn", "se"), ("bn", "dia")):
+        for norm, attention in VARIANTS:
             r = time_training(model, norm, attention, device, args.batch_size, steps, amp=amp, channels_last=cl,
-                              width=args.width, warmup=2 if args.quick else 5)
+                              width=args.width, warmup=2 if args.quick else 5, compile=compiled)
             base = base or r["step_ms"]
             r["ratio_vs_bn"] = r["step_ms"] / base
+            if compiled:
+                r["speedup_vs_eager"] = eager[(norm, attention)] / r["step_ms"]
+            elif amp == "off":
+                eager[(norm, attention)] = r["step_ms"]
             rows.append(r)
+            print(f"[bench training] {norm}/{attention} amp {amp} channels_last {cl} compile {compiled}: "
+                  f"{r['step_ms']:.1f} ms", file=sys.stderr, flush=True)
     header = f"training step time, {model} CIFAR-100-shaped synthetic data, {describe_device(device)}"
-    lines = [header, "", "| norm | attention | amp | channels_last | step ms | epoch s (50k imgs) | vs BN |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [header, "", "| norm | attention | amp | channels_last | compile | step ms | epoch s (50k imgs) | vs BN "
+             "| compiled vs eager |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['norm']} | {r['attention']} | {r['amp']} | {r['channels_last']} | {r['step_ms']:.1f} | "
-                     f"{r['epoch_s']:.1f} | {r['ratio_vs_bn']:.2f}x |")
+        gain = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else ""
+        lines.append(f"| {r['norm']} | {r['attention']} | {r['amp']} | {r['channels_last']} | {r['compile']} | "
+                     f"{r['step_ms']:.1f} | {r['epoch_s']:.1f} | {r['ratio_vs_bn']:.2f}x | {gain} |")
     print("\n".join(lines), flush=True)
     if args.output:
         write_results(args.output, f"training-{device.type}", rows, "\n".join(lines))

@@ -27,14 +27,17 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name: rc=$rc in $((SECONDS - t0))s"
 }
 W="python3 -m workbench.cli"
-# order: what the open issues still lack on a GPU first (4: compiled vmap vs loop; 9: icnet, fold-bn, compile)
-step gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nn_iebn.py tests/test_device.py tests/test_attention_recorders.py
+# order: what the open issues still lack on a GPU first (4: compiled vmap vs loop; 9: icnet, fold-bn, compile),
+# then fit(compile=True)'s step time
+step gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nn_iebn.py tests/test_device.py tests/test_attention_recorders.py \
+  tests/test_train.py
 step probes 200 $W bench probes --device cuda --output "$RES/probes"
 step pruning-icnet 70 $W bench pruning --device cuda --models icnet --size 256 512 --modes eager fold-bn --runs 20 \
   --output "$RES/pruning-icnet"
+step training-compile 150 $W bench training --device cuda --model resnet56 --steps 20 --compile \
+  --output "$RES/training-compile"
 step pruning-compile 120 $W bench pruning --device cuda --models pspnet_resnet50 segnet --size 256 512 \
   --ratios 0.3 0.5 --modes fold-bn compile --runs 20 --output "$RES/pruning-compile"
 step layers-compile 90 $W bench layers --device cuda --modes compile --output "$RES/layers-compile"
-step training 75 $W bench training --device cuda --steps 20 --output "$RES/training"
 tar czf "$OUT/gpu-results.tgz" -C "$RES" .
 echo "session done in ${SECONDS}s"

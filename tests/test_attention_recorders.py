@@ -288,7 +288,7 @@ def test_dia_recorder_errors_and_exception_cleanup():
 def test_recordings_stay_on_the_gpu_until_reduced():
     from workbench.probes.dia import DIARecorder, gate_summary
 
-    model = _build("resnet20", "iebn", "dia").cuda().eval()
+    model = _build("resnet20", "iebn", "dia").to("cuda").eval()
     x = torch.randn(4, 3, 16, 16, device="cuda")
     with AttentionRecorder(model) as rec, DIARecorder(model) as dia:
         model(x)

@@ -382,7 +382,7 @@ def test_cuda_matches_formula(observed):
 def test_cuda_compiled_model_trains():
     from workbench.models import build_model
 
-    model = build_model("resnet20", norm="iebn", attention="dia", width=0.5).cuda()
+    model = build_model("resnet20", norm="iebn", attention="dia", width=0.5).to("cuda")
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(16, 3, 32, 32, device="cuda")
     eager_out = model(x)

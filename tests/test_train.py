@@ -235,3 +235,26 @@ def test_make_optimizer_kinds_and_refusal():
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == 2e-3
     with pytest.raises(ValueError, match="optimizer='adam'.*sgd.*adamw"):
         make_optimizer(net, "adam", 0.1)
+
+
+@pytest.mark.gpu
+def test_fit_compile_on_cuda_with_iebn_noise_and_a_probe():
+    from workbench.nn import IEBN2d
+    from workbench.noise import batch_stat_noise
+    from workbench.probes import GradientSNR
+
+    train, _ = _loaders()
+    weights, logs = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), IEBN2d(8), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).to("cuda")
+        probe = GradientSNR(every=2, micro_batches=4)
+        with batch_stat_noise(model, 0.3, kind="mean", seed=0) as noise:
+            fit(model, train, epochs=1, max_steps=4, device="cuda", progress=False, compile=compiled,
+                callbacks=[noise, probe])
+        weights.append(model.state_dict())
+        logs.append(probe.log().series("mean"))
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-4)
+    assert len(logs[1]) == len(logs[0]) == 2

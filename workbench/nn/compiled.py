@@ -10,7 +10,8 @@ means, the BN-fold discovery). By default dynamo does not guard a compiled graph
 modules it inlined (``torch._dynamo.config.skip_nnmodule_hook_guards``): a hook registered after a
 model was compiled is silently never called, so a recorder on a compiled model records nothing (seen
 with ``AttentionRecorder`` on a compiled IEBN resnet20: 0 of 19 sites). :func:`watch_hooks` turns
-those guards on, so adding or removing a hook recompiles the graphs that use the module. It acts
+those guards on, so a hook added or removed selects (the first time: compiles) a graph variant that
+has, or lacks, it; dynamo keeps the variants side by side. It acts
 only once dynamo has been imported (nothing can have been compiled before), which keeps eager-only
 sessions free of dynamo's two-second import.
 """

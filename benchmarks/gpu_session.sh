@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS CMD...
 W="python3 -m workbench.cli"
 # order: what the open issues still lack on a GPU first (4: compiled vmap vs loop; 9: icnet, fold-bn, compile),
 # then fit(compile=True)'s step time
-step gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nn_iebn.py tests/test_device.py tests/test_attention_recorders.py \
+step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nn_iebn.py tests/test_device.py tests/test_attention_recorders.py \
   tests/test_train.py
 step probes 200 $W bench probes --device cuda --output "$RES/probes"
 step pruning-icnet 70 $W bench pruning --device cuda --models icnet --size 256 512 --modes eager fold-bn --runs 20 \

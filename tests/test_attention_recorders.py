@@ -305,31 +305,27 @@ def test_recorders_and_cagms_see_a_compiled_model():
     # recorder on a compiled model recorded nothing (workbench.nn.compiled.watch_hooks)
     import torch._dynamo
 
-    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # dynamo's default, restored after
-        _recorders_and_cagms_on_a_compiled_model()
-
-
-def _recorders_and_cagms_on_a_compiled_model():
     from workbench.pruning.cagm import CAGM
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), IEBN2d(4), nn.ReLU(),
-                        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
-    _randomise_gates(net)
-    compiled = torch.compile(net)
-    x = torch.randn(2, 3, 6, 6)
-    compiled(x)  # compiled before any hook exists
-    with AttentionRecorder(net) as rec:
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # dynamo's default, restored after
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), IEBN2d(4), nn.ReLU(),
+                            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+        _randomise_gates(net)
+        compiled = torch.compile(net)
+        x = torch.randn(2, 3, 6, 6)
+        compiled(x)  # compiled before any hook exists
+        with AttentionRecorder(net) as rec:
+            compiled(x)
+        assert list(rec.attention) == ["1"]
+        torch.testing.assert_close(rec.attention["1"], AttentionRecorder(net).attribute(x)["1"])
+        assert list(AttentionRecorder(compiled).probes) == ["1"]  # names of the module inside the wrapper
+        rec.clear()
         compiled(x)
-    assert list(rec.attention) == ["1"]
-    torch.testing.assert_close(rec.attention["1"], AttentionRecorder(net).attribute(x)["1"])
-    assert list(AttentionRecorder(compiled).probes) == ["1"]  # names of the module inside the wrapper
-    rec.clear()
-    compiled(x)
-    assert rec.attention == {} and _hook_count(net) == 0  # removed hooks are gone from the graph too
-    cagm = CAGM(net[4])
-    compiled.train()(x)
-    assert cagm.updates == 1
-    cagm.remove()
-    compiled(x)
-    assert cagm.updates == 1
+        assert rec.attention == {} and _hook_count(net) == 0  # removed hooks are gone from the graph too
+        cagm = CAGM(net[4])
+        compiled.train()(x)
+        assert cagm.updates == 1
+        cagm.remove()
+        compiled(x)
+        assert cagm.updates == 1

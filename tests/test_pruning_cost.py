@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -127,14 +131,52 @@ def test_benchmark_modes_threads_breakdown(capsys) -> None:
     threads = torch.get_num_threads()
     try:
         assert main(["--quick", "--models", "icnet", "--ratios", "0.5", "--runs", "1", "--size", "32", "32",
-                     "--modes", "eager", "fold-bn", "--threads", "1", "--breakdown"]) == 0
+                     "--modes", "eager", "fold-bn", "--threads", "1", "--breakdown",
+                     "--allocator", "system"]) == 0  # keep is process-wide: tested in a child process
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "cpu (1 threads)" in out and "modes eager/fold-bn" in out and "channels_last" in out
+    assert "allocator system" in out
     assert "| icnet | eager | 0.50 |" in out and "| icnet | fold-bn | 0.50 |" in out and "non-conv time" in out
     with pytest.raises(SystemExit):
         main(["--quick", "--threads", "0"])
     with pytest.raises(SystemExit):
         main(["--quick", "--modes", "jit"])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--allocator", "jemalloc"])
+
+
+_MMAPPED_BYTES = """
+import ctypes, sys, torch
+from workbench.benchmarks.allocator import apply_allocator
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+print(apply_allocator(sys.argv[1]))
+before = libc.mallinfo2().hblkhd
+x = torch.empty(64 * 2**20, dtype=torch.uint8)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="needs glibc >= 2.33 (mallinfo2)")
+def test_keep_allocator_serves_large_blocks_from_the_heap(tmp_path) -> None:
+    # mmapped bytes grow by the tensor's 64 MiB under glibc's defaults, by nothing once memory is kept
+    def mmapped(choice: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES, choice], capture_output=True, text=True,
+                             check=True, cwd=tmp_path).stdout.split()
+        return out[0], int(out[1])
+
+    applied, grown = mmapped("system")
+    assert applied == "system" and grown >= 64 * 2**20
+    assert mmapped("keep") == ("keep", 0)
+    from workbench.benchmarks.allocator import apply_allocator
+
+    with pytest.raises(ValueError, match="allocator='tcmalloc'.*keep"):
+        apply_allocator("tcmalloc")

@@ -34,6 +34,11 @@ only linearly with channels, and the layers around the fixed-size ends (the stem
 3 input channels, the classifier with ``num_classes`` outputs at full resolution, the logits'
 resize to the input size) barely shrink at all. ``--breakdown`` (CPU) profiles each network and
 reports the share of its time spent outside convolutions, before and after pruning.
+
+On CPU the process keeps freed memory for reuse (``--allocator keep``, the default; see
+:mod:`workbench.benchmarks.allocator`): with glibc's defaults every large activation page-faults in
+afresh on each forward, a cost FLOPs do not see that falls hardest on the full-resolution ends
+pruning does not shrink. ``--allocator system`` times the process as glibc leaves it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 
 from workbench.benchmarks import write_results
+from workbench.benchmarks.allocator import ALLOCATORS, apply_allocator
 from workbench.device import resolve_device
 
 TARGET_EFFICIENCY = 0.8
@@ -237,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="same as --modes compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op CPU threads (default: torch's current setting); recorded in the header")
+    parser.add_argument("--allocator", default="keep", choices=ALLOCATORS,
+                        help="CPU: keep (default): freed memory stays in the process for reuse, as jemalloc or "
+                             "tcmalloc would keep it; system: glibc's defaults (large blocks unmapped on free)")
     parser.add_argument("--breakdown", action="store_true",
                         help="CPU only: profile the time spent outside convolutions, before and after pruning")
     parser.add_argument("--quick", action="store_true", help="small widths and 64x64 inputs (CPU smoke run)")
@@ -259,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--breakdown needs --device cpu (profiled CPU time), got {device}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    allocator = apply_allocator(args.allocator) if device.type == "cpu" else None
     channels_last = args.memory_format == "channels_last" or (args.memory_format == "auto"
                                                                and device.type in ("cuda", "cpu"))
     if device.type == "cuda":
@@ -272,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_model(name, tuple(args.ratios), device, width, size, args.batch_size, runs,
                             method=args.method, channels_last=channels_last, round_to=args.round_to or None,
                             modes=modes, breakdown=args.breakdown)
+    for row in rows:
+        row["allocator"] = allocator
     header = (f"pruning: latency speedup vs FLOPs ratio, batch {args.batch_size}, input {size[0]}x{size[1]}, "
               f"width {width}, {_describe(device)}, torch {torch.__version__}, "
               f"{'channels_last' if channels_last else 'contiguous'}, round_to {args.round_to or 'off'}, "
-              f"modes {'/'.join(modes)}, median of {runs} interleaved runs; "
+              f"modes {'/'.join(modes)}, {f'allocator {allocator}, ' if allocator else ''}"
+              f"median of {runs} interleaved runs; "
               f"target speedup >= {TARGET_EFFICIENCY} x FLOPs ratio")
     table = format_table(rows, header)
     print(table, flush=True)

@@ -27,13 +27,13 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name: rc=$rc in $((SECONDS - t0))s"
 }
 W="python3 -m workbench.cli"
-# order: what the open issues still lack on a GPU first (4: compiled vmap vs loop; 9: icnet, fold-bn, compile),
-# then fit(compile=True)'s step time
+# order: what the open issues still lack on a GPU first (4: compiled vmap vs loop; 9: pruned latency without
+# Python's launch overhead, icnet), then fit(compile=True)'s step time
 step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nn_iebn.py tests/test_device.py tests/test_attention_recorders.py \
-  tests/test_train.py
+  tests/test_train.py tests/test_pruning_cost.py
 step probes 200 $W bench probes --device cuda --output "$RES/probes"
-step pruning-icnet 70 $W bench pruning --device cuda --models icnet --size 256 512 --modes eager fold-bn --runs 20 \
-  --output "$RES/pruning-icnet"
+step pruning-graph 150 $W bench pruning --device cuda --models icnet segnet pspnet_resnet50 --size 256 512 \
+  --ratios 0.5 0.7 --modes eager fold-bn cuda-graph --runs 20 --output "$RES/pruning-graph"
 step training-compile 150 $W bench training --device cuda --model resnet56 --steps 20 --compile \
   --output "$RES/training-compile"
 step pruning-compile 120 $W bench pruning --device cuda --models pspnet_resnet50 segnet --size 256 512 \

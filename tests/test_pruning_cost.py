@@ -180,3 +180,36 @@ def test_keep_allocator_serves_large_blocks_from_the_heap(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="allocator='tcmalloc'.*keep"):
         apply_allocator("tcmalloc")
+
+
+def test_cuda_graph_mode_is_refused_off_cuda_before_any_work() -> None:
+    from workbench.benchmarks.pruning import CUDAGraphForward, bench_model, main
+
+    with pytest.raises(ValueError, match="cuda-graph needs a CUDA device, got cpu"):
+        bench_model("icnet", (0.5,), torch.device("cpu"), 0.25, (32, 32), modes=("eager", "cuda-graph"))
+    with pytest.raises(SystemExit):
+        main(["--quick", "--device", "cpu", "--modes", "cuda-graph", "--allocator", "system"])
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        CUDAGraphForward(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["segnet", "icnet"])
+def test_cuda_graph_form_replays_the_folded_network(name: str) -> None:
+    from workbench.benchmarks.pruning import CUDAGraphForward, bench_model
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = SEGMENTATION_MODELS[name](5, width=0.25).to(device).eval()
+    batch = torch.randn(2, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 on both sides of the comparison
+        graphed = CUDAGraphForward(fold_batchnorm(model, batch[:1]), batch)
+        for _ in range(2):  # a new input each call: the replay reads what was copied in
+            x = torch.randn_like(batch)
+            with torch.inference_mode():
+                expected = model(x)
+            torch.testing.assert_close(graphed(x), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="captured for"):
+        graphed(batch[:1])
+    rows = bench_model(name, (0.5,), device, 0.25, (64, 64), runs=2, channels_last=True, modes=("cuda-graph",))
+    assert rows[0]["mode"] == "cuda-graph" and rows[0]["params_after"] < rows[0]["params_before"]

@@ -182,6 +182,13 @@ def test_keep_allocator_serves_large_blocks_from_the_heap(tmp_path) -> None:
         apply_allocator("tcmalloc")
 
 
+def test_bench_all_runs_pruning_last() -> None:
+    # pruning's allocator setting is process-wide: no benchmark may run after it under a header that omits it
+    from workbench.cli import BENCHMARKS
+
+    assert list(BENCHMARKS)[-1] == "pruning"
+
+
 def test_cuda_graph_mode_is_refused_off_cuda_before_any_work() -> None:
     from workbench.benchmarks.pruning import CUDAGraphForward, bench_model, main
 

@@ -12,11 +12,13 @@ import sys
 
 from workbench.params import PRESETS, parse_cli_value
 
+# `bench all` runs them in this order; pruning last, because on CPU it changes the process's allocator
+# (workbench.benchmarks.allocator) and nothing after it should run under a setting its header does not name
 BENCHMARKS = {
     "layers": "workbench.benchmarks.layers",
     "probes": "workbench.benchmarks.probes",
-    "pruning": "workbench.benchmarks.pruning",
     "training": "workbench.benchmarks.training",
+    "pruning": "workbench.benchmarks.pruning",
 }
 
 

@@ -171,8 +171,11 @@ def test_ctrl_c_keeps_finished_points_and_resumes(tmp_path):
 
 def test_sigterm_stops_the_sweep_and_its_kernel_and_resumes(tmp_path):
     """SIGTERM to the sweep process alone (``kill``, a scheduler's time limit) ends the busy worker's
-    kernel too: nothing of the sweep's process session keeps running."""
-    proc, nb, out = _start_slow_sweep(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kernel too: nothing of the sweep's process session keeps running. The sweep starts with SIGINT
+    ignored, as a shell starts a background job (``&``, nohup, batch scripts): its workers, which the
+    sweep stops with SIGINT, used to inherit that and finish their notebooks."""
+    proc, nb, out = _start_slow_sweep(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
     def session_processes() -> list[str]:
         ps = subprocess.run(["ps", "-e", "-o", "sid=,pid=,args="], capture_output=True, text=True).stdout

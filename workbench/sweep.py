@@ -225,9 +225,17 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _listen_for_sigint() -> None:
+    """Worker initializer. The sweep stops its workers with SIGINT, so they must hear it even where they
+    inherit it ignored: a shell starts background jobs (``workbench sweep ... &``, nohup, batch scripts)
+    with SIGINT ignored, and a worker that ignored it would finish its notebook after a SIGTERM."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished, threads: int | None = None) -> None:
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool, _terminate_as_interrupt() as terminated:
+    with (cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_listen_for_sigint) as pool,
+          _terminate_as_interrupt() as terminated):
         futures = {}
         try:
             for i, (pid, params, point_dir) in enumerate(todo):

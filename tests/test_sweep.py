@@ -177,16 +177,24 @@ def test_sigterm_stops_the_sweep_and_its_kernel_and_resumes(tmp_path):
     proc, nb, out = _start_slow_sweep(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
-    def session_processes() -> list[str]:
-        ps = subprocess.run(["ps", "-e", "-o", "sid=,pid=,args="], capture_output=True, text=True).stdout
-        return [line for line in ps.splitlines() if line.split(None, 1)[0] == str(proc.pid)]
+    def processes() -> list[tuple[int, int, int]]:
+        ps = subprocess.run(["ps", "-e", "-o", "sid=,pid=,ppid="], capture_output=True, text=True).stdout
+        return [tuple(int(f) for f in line.split()) for line in ps.splitlines()]
 
-    assert len(session_processes()) >= 3, "sweep, worker and kernel should all be running"
+    def sweep_processes() -> set[int]:
+        # the sweep's session (sweep, resource tracker, worker) and the children of its processes:
+        # jupyter_client starts each kernel in a session of its own
+        table = processes()
+        session = {pid for sid, pid, _ in table if sid == proc.pid}
+        return session | {pid for _, pid, ppid in table if ppid in session}
+
+    started = sweep_processes()
+    assert len(started) >= 4, "sweep, resource tracker, worker and kernel should all be running"
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode != 0
     deadline = time.monotonic() + 30
-    while session_processes() and time.monotonic() < deadline:
+    while started & {pid for _, pid, _ in processes()} and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert session_processes() == [], "no worker or kernel outlives the sweep"
+    assert not started & {pid for _, pid, _ in processes()}, "no worker or kernel outlives the sweep"
     _check_interrupted_then_resumed(nb, out)

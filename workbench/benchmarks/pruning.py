@@ -29,10 +29,10 @@ them alike).
 - ``compile``: ``torch.compile`` with inductor's freezing (BN folded, element-wise ops fused into
   the convolutions' neighbours), static shapes for every model;
 - ``cuda-graph`` (CUDA only): BN folded, the whole forward captured once as a CUDA graph
-  (``torch.cuda.graph``) and replayed. Eager PyTorch issues one kernel per op from Python, some
-  10-20 us each; a pruned network has as many ops as the unpruned one, so at batch 8 its kernels
-  finish faster than Python can launch them (stop 12, H100, 256x512: ICNet took 4.0 ms pruned or
-  not). Replaying a graph costs one launch, so the time left is the GPU's.
+  (``torch.cuda.graph``) and replayed. Eager PyTorch launches one kernel per op from Python, and a
+  pruned network has as many ops as the unpruned one, so at batch 8 its kernels can finish faster
+  than Python launches them (stop 12, H100, 256x512: ICNet took 4.0 ms pruned or not). A replayed
+  graph is launched once, so what it measures is the GPU's own time.
 
 What FLOPs do not see still bounds the speedup: pooling, unpooling, ReLU and concatenation shrink
 only linearly with channels, and the layers around the fixed-size ends (the stem convolution on
@@ -129,7 +129,7 @@ class CUDAGraphForward(nn.Module):
 
 
 def _deploy_form(model: nn.Module, mode: str, example: torch.Tensor, fmt: torch.memory_format,
-                 batch: torch.Tensor | None = None) -> nn.Module:
+                 batch: torch.Tensor) -> nn.Module:
     model = model.to(memory_format=fmt).eval()
     if mode in ("fold-bn", "cuda-graph"):
         from workbench.pruning.fold import fold_batchnorm

@@ -140,6 +140,9 @@ def test_benchmark_modes_threads_breakdown(capsys) -> None:
     assert "cpu (1 threads)" in out and "modes eager/fold-bn" in out and "channels_last" in out
     assert "allocator system" in out
     assert "| icnet | eager | 0.50 |" in out and "| icnet | fold-bn | 0.50 |" in out and "non-conv time" in out
+    assert "Where the pruned networks spend their time" in out
+    op_rows = [line for line in out.splitlines() if line.startswith("| icnet | fold-bn | 0.50 |") and "`" in line]
+    assert op_rows and any("conv" in line for line in op_rows)
     with pytest.raises(SystemExit):
         main(["--quick", "--threads", "0"])
     with pytest.raises(SystemExit):
@@ -220,3 +223,34 @@ def test_cuda_graph_form_replays_the_folded_network(name: str) -> None:
         graphed(batch[:1])
     rows = bench_model(name, (0.5,), device, 0.25, (64, 64), runs=2, channels_last=True, modes=("cuda-graph",))
     assert rows[0]["mode"] == "cuda-graph" and rows[0]["params_after"] < rows[0]["params_before"]
+
+
+def test_time_breakdown_per_op_and_the_ops_that_hold_the_speedup_back() -> None:
+    from workbench.benchmarks.pruning import format_op_table, time_breakdown, top_ops
+
+    # on one thread at batch 2 a 1x1 convolution with a bias runs aten's GEMM path, which copies the bias
+    # into its output with aten::copy_: convolution time, not time outside convolutions
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                        nn.Upsample(scale_factor=2, mode="bilinear"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (part,) = time_breakdown([net.eval()], torch.randn(2, 3, 16, 16), rounds=2)
+    finally:
+        torch.set_num_threads(threads)
+    ops = part["ops_ms"]
+    assert ops and list(ops.values()) == sorted(ops.values(), reverse=True)
+    assert part["conv_ms"] > 0 and part["other_ms"] > 0
+    assert part["conv_ms"] + part["other_ms"] == pytest.approx(sum(ops.values()))
+    assert "aten::upsample_bilinear2d" in ops and "aten::_slow_conv2d_forward" in ops
+    assert "aten::copy_" not in ops and "aten::empty" not in ops
+
+    row = {"model": "m", "mode": "eager", "ratio": 0.7, "flops_ratio": 8.0,
+           "ops_ms_before": {"conv": 80.0, "resize": 10.0, "relu": 8.0},
+           "ops_ms_after": {"conv": 10.0, "resize": 9.0, "relu": 2.0, "new": 0.5}}
+    # largest pruned time first, stopping once 90% of it is listed
+    assert top_ops(row) == [("conv", 80.0, 10.0), ("resize", 10.0, 9.0), ("relu", 8.0, 2.0)]
+    assert top_ops(row, limit=1) == [("conv", 80.0, 10.0)]
+    assert top_ops(row, cover=1.0)[-1] == ("new", 0.0, 0.5)  # an op only the pruned network runs
+    table = format_op_table([row])
+    assert "| m | eager | 0.70 | 8.00x | `resize` | 10.0 | 9.0 | 1.11x | 42% |" in table

@@ -38,7 +38,9 @@ What FLOPs do not see still bounds the speedup: pooling, unpooling, ReLU and con
 only linearly with channels, and the layers around the fixed-size ends (the stem convolution on
 3 input channels, the classifier with ``num_classes`` outputs at full resolution, the logits'
 resize to the input size) barely shrink at all. ``--breakdown`` (CPU) profiles each network and
-reports the share of its time spent outside convolutions, before and after pruning.
+reports the share of its time spent outside convolutions, before and after pruning, and a second
+table of the ops each pruned network spends its time in, with how much each op shrank: an op with a
+large share and a shrink well below the FLOPs ratio is what holds the speedup back.
 
 On CPU the process keeps freed memory for reuse (``--allocator keep``, the default; see
 :mod:`workbench.benchmarks.allocator`): with glibc's defaults every large activation page-faults in
@@ -51,6 +53,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,31 +148,53 @@ def _deploy_form(model: nn.Module, mode: str, example: torch.Tensor, fmt: torch.
     return model
 
 
+# Ops that move or allocate memory on behalf of the op that calls them: a convolution's bias copied into
+# its output, a kernel's output buffer. Their time belongs to the caller.
+_HELPER_OPS = frozenset(f"aten::{n}" for n in (
+    "copy_", "empty", "empty_like", "empty_strided", "resize_", "as_strided", "view", "fill_", "zero_", "zeros",
+    "contiguous", "clone", "to", "_to_copy", "reshape", "_reshape_alias", "expand", "t", "transpose", "permute",
+    "unsqueeze", "squeeze", "select", "slice", "detach", "alias", "lift_fresh"))
+
+
+def _owner(event: Any) -> str:
+    while event.name in _HELPER_OPS and event.cpu_parent is not None:
+        event = event.cpu_parent
+    return event.name
+
+
 def _profile_once(model: nn.Module, inputs: torch.Tensor) -> dict[str, float]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(inputs)
-    conv = other = 0.0
-    for event in prof.key_averages():
-        if "conv" in event.key:
-            conv += event.self_cpu_time_total / 1e3
-        else:
-            other += event.self_cpu_time_total / 1e3
-    return {"conv_ms": conv, "other_ms": other}
+    ops: dict[str, float] = {}
+    for event in prof.events():
+        if event.self_cpu_time_total > 0:
+            owner = _owner(event)
+            ops[owner] = ops.get(owner, 0.0) + event.self_cpu_time_total / 1e3
+    return ops
+
+
+def _is_conv(op: str) -> bool:
+    return "conv" in op
 
 
 @torch.inference_mode()
-def time_breakdown(models: list[nn.Module], inputs: torch.Tensor, rounds: int = 3) -> list[dict[str, float]]:
-    """Milliseconds per forward in convolutions and in everything else (self CPU time, torch.profiler),
-    for each model: the least-loaded of ``rounds`` interleaved profiles (load only ever adds time)."""
+def time_breakdown(models: list[nn.Module], inputs: torch.Tensor, rounds: int = 3) -> list[dict]:
+    """Where each model's forward spends its time (self CPU time, torch.profiler), from the least-loaded of
+    ``rounds`` interleaved profiles (load only ever adds time): ``conv_ms`` and ``other_ms`` (everything
+    outside convolutions), and ``ops_ms``, milliseconds per profiled op. The copies and allocations an op
+    makes for itself (:data:`_HELPER_OPS`) count as that op's time: the bias a convolution copies into its
+    output is convolution time."""
     best: list[dict[str, float] | None] = [None] * len(models)
     for model in models:
         model(inputs)
     for _ in range(rounds):
         for i, model in enumerate(models):
-            part = _profile_once(model, inputs)
-            if best[i] is None or sum(part.values()) < sum(best[i].values()):
-                best[i] = part
-    return best
+            ops = _profile_once(model, inputs)
+            if best[i] is None or sum(ops.values()) < sum(best[i].values()):
+                best[i] = ops
+    return [{"conv_ms": sum(ms for op, ms in ops.items() if _is_conv(op)),
+             "other_ms": sum(ms for op, ms in ops.items() if not _is_conv(op)),
+             "ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1]))} for ops in best]
 
 
 def bench_model(name: str, ratios: tuple[float, ...], device: torch.device, width: float, size: tuple[int, int],
@@ -264,6 +289,39 @@ def format_table(rows: list[dict], header: str) -> str:
         lines += ["", "non-conv time: share of the profiled CPU time outside convolutions (pooling, unpooling, BN, "
                   "ReLU, resize, concat, adds), unpruned -> pruned; conv speedup: convolution time alone, "
                   "unpruned / pruned."]
+        if "ops_ms_after" in rows[0]:
+            lines += ["", format_op_table(rows)]
+    return "\n".join(lines)
+
+
+def top_ops(row: dict, cover: float = 0.9, limit: int = 6) -> list[tuple[str, float, float]]:
+    """The ops that take most of the pruned network's profiled time: ``(op, unpruned ms, pruned ms)``,
+    largest first, until ``cover`` of that time is accounted for or ``limit`` ops are listed."""
+    after, before = row["ops_ms_after"], row["ops_ms_before"]
+    total = sum(after.values())
+    picked, seen = [], 0.0
+    for op, ms in sorted(after.items(), key=lambda kv: -kv[1]):
+        if len(picked) == limit or (total and seen >= cover * total):
+            break
+        picked.append((op, before.get(op, 0.0), ms))
+        seen += ms
+    return picked
+
+
+def format_op_table(rows: list[dict]) -> str:
+    """Per row, the ops the pruned network spends its time in and how much each shrank: an op whose shrink
+    is far below the FLOPs ratio and whose share is large is what holds the speedup back."""
+    columns = ["model", "mode", "ratio", "FLOPs ratio", "op", "unpruned ms", "pruned ms", "shrink",
+               "share of pruned time"]
+    lines = ["Where the pruned networks spend their time (profiled self CPU time per op; the profiler's own "
+             "overhead makes these sums larger than the latencies above):", "",
+             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in rows:
+        total = sum(r["ops_ms_after"].values()) or 1.0
+        for op, before, after in top_ops(r):
+            shrink = f"{before / after:.2f}x" if after > 0 else "-"
+            lines.append(f"| {r['model']} | {r['mode']} | {r['ratio']:.2f} | {r['flops_ratio']:.2f}x | `{op}` | "
+                         f"{before:.1f} | {after:.1f} | {shrink} | {after / total:.0%} |")
     return "\n".join(lines)
 
 
@@ -293,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU: keep (default): freed memory stays in the process for reuse, as jemalloc or "
                              "tcmalloc would keep it; system: glibc's defaults (large blocks unmapped on free)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="CPU only: profile the time spent outside convolutions, before and after pruning")
+                        help="CPU only: profile where the time goes before and after pruning (the share "
+                             "outside convolutions, and a table of the ops the pruned networks spend it in)")
     parser.add_argument("--quick", action="store_true", help="small widths and 64x64 inputs (CPU smoke run)")
     parser.add_argument("--output", help="write JSON and a markdown table to this folder")
     args = parser.parse_args(argv)

@@ -288,9 +288,7 @@ def format_table(rows: list[dict], header: str) -> str:
     if breakdown:
         lines += ["", "non-conv time: share of the profiled CPU time outside convolutions (pooling, unpooling, BN, "
                   "ReLU, resize, concat, adds), unpruned -> pruned; conv speedup: convolution time alone, "
-                  "unpruned / pruned."]
-        if "ops_ms_after" in rows[0]:
-            lines += ["", format_op_table(rows)]
+                  "unpruned / pruned.", "", format_op_table(rows)]
     return "\n".join(lines)
 
 

@@ -140,6 +140,7 @@ def test_benchmark_modes_threads_breakdown(capsys) -> None:
     assert "cpu (1 threads)" in out and "modes eager/fold-bn" in out and "channels_last" in out
     assert "allocator system" in out
     assert "| icnet | eager | 0.50 |" in out and "| icnet | fold-bn | 0.50 |" in out and "non-conv time" in out
+    assert "efficiency if convs ideal" in out
     assert "Where the pruned networks spend their time" in out
     op_rows = [line for line in out.splitlines() if line.startswith("| icnet | fold-bn | 0.50 |") and "`" in line]
     assert op_rows and any("conv" in line for line in op_rows)
@@ -254,3 +255,21 @@ def test_time_breakdown_per_op_and_the_ops_that_hold_the_speedup_back() -> None:
     assert top_ops(row, cover=1.0)[-1] == ("new", 0.0, 0.5)  # an op only the pruned network runs
     table = format_op_table([row])
     assert "| m | eager | 0.70 | 8.00x | `resize` | 10.0 | 9.0 | 1.11x | 42% |" in table
+
+
+def test_efficiency_with_ideal_convs_splits_a_shortfall_between_convs_and_the_rest() -> None:
+    from workbench.benchmarks.pruning import efficiency_with_ideal_convs, format_table
+
+    # 100 ms before (80 conv + 20 other); FLOPs 8x overall, convolutions 10x; pruned: 12 ms conv, 6 ms other.
+    # Convolutions at exactly 10x would take 8 ms: 100 / (8 + 6) = 7.14x speedup, 0.89 of the FLOPs ratio
+    row = {"model": "m", "mode": "eager", "ratio": 0.7, "params_before": 1e6, "params_after": 2e5,
+           "gflops_before": 8.0, "gflops_after": 1.0, "flops_ratio": 8.0, "latency_ms_before": 100.0,
+           "latency_ms_after": 18.0, "speedup": 100 / 18, "efficiency": 100 / 18 / 8, "meets_target": False,
+           "conv_ms_before": 80.0, "other_ms_before": 20.0, "conv_ms_after": 12.0, "other_ms_after": 6.0,
+           "conv_flops_ratio": 10.0, "ops_ms_before": {"conv": 80.0, "relu": 20.0},
+           "ops_ms_after": {"conv": 12.0, "relu": 6.0}}
+    assert efficiency_with_ideal_convs(row) == pytest.approx(100 / 14 / 8)
+    # the rest alone costing more than an eighth of the unpruned time rules the target out
+    assert efficiency_with_ideal_convs({**row, "other_ms_after": 15.0}) == pytest.approx(100 / 23 / 8)
+    row["efficiency_ideal_convs"] = efficiency_with_ideal_convs(row)
+    assert "| 5.56x | 0.69 | no | 20% -> 33% | 6.67x | 10.00x | 0.89 |" in format_table([row], "header")

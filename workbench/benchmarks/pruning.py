@@ -38,7 +38,9 @@ What FLOPs do not see still bounds the speedup: pooling, unpooling, ReLU and con
 only linearly with channels, and the layers around the fixed-size ends (the stem convolution on
 3 input channels, the classifier with ``num_classes`` outputs at full resolution, the logits'
 resize to the input size) barely shrink at all. ``--breakdown`` (CPU) profiles each network and
-reports the share of its time spent outside convolutions, before and after pruning, and a second
+reports the share of its time spent outside convolutions, before and after pruning, the efficiency
+the row would reach if its convolutions sped up exactly by their own FLOPs ratio (below 0.8, what
+lies outside the convolutions keeps it under the target by itself), and a second
 table of the ops each pruned network spends its time in, with how much each op shrank: an op with a
 large share and a shrink well below the FLOPs ratio is what holds the speedup back.
 
@@ -251,6 +253,9 @@ def bench_model(name: str, ratios: tuple[float, ...], device: torch.device, widt
             if parts:
                 row.update({f"{k}_before": v for k, v in parts[0].items()})
                 row.update({f"{k}_after": v for k, v in parts[i].items()})
+                row["conv_flops_ratio"] = (report.flops_detail_before["conv_matmul"]
+                                           / report.flops_detail_after["conv_matmul"])
+                row["efficiency_ideal_convs"] = efficiency_with_ideal_convs(row)
             rows.append(row)
             _progress(f"{name} {mode} ratio {ratio:.2f}: {base:.2f} -> {lat:.2f} ms, speedup {speedup:.2f}x, "
                       f"FLOPs {report.flops_ratio:.2f}x, efficiency {speedup / report.flops_ratio:.2f}")
@@ -264,6 +269,20 @@ def _progress(message: str) -> None:
     print(f"[bench pruning] {message}", file=sys.stderr, flush=True)
 
 
+def efficiency_with_ideal_convs(row: dict) -> float:
+    """The efficiency a breakdown row would reach if its convolution time fell exactly by the convolutions'
+    FLOPs ratio and every other op took the time profiled in the pruned network.
+
+    It splits a shortfall in two: below the target, the ops outside convolutions (memory passes that shrink
+    at most linearly with channels, and the fixed-size ends) hold the row back by themselves, and only
+    convolutions running faster than their FLOPs ratio could still meet it; above it, the convolutions
+    are what fall short.
+    """
+    unpruned = row["conv_ms_before"] + row["other_ms_before"]
+    ideal = row["conv_ms_before"] / row["conv_flops_ratio"] + row["other_ms_after"]
+    return unpruned / ideal / row["flops_ratio"]
+
+
 def _share(row: dict, when: str) -> float:
     return row[f"other_ms_{when}"] / (row[f"conv_ms_{when}"] + row[f"other_ms_{when}"])
 
@@ -273,7 +292,7 @@ def format_table(rows: list[dict], header: str) -> str:
     columns = ["model", "mode", "ratio", "params", "GFLOPs", "FLOPs ratio", "latency ms", "speedup", "efficiency",
                "target"]
     if breakdown:
-        columns += ["non-conv time", "conv speedup"]
+        columns += ["non-conv time", "conv speedup", "conv FLOPs ratio", "efficiency if convs ideal"]
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
         line = (f"| {r['model']} | {r['mode']} | {r['ratio']:.2f} | "
@@ -283,12 +302,16 @@ def format_table(rows: list[dict], header: str) -> str:
                 f"{r['efficiency']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
         if breakdown:
             line += (f" {_share(r, 'before'):.0%} -> {_share(r, 'after'):.0%} | "
-                     f"{r['conv_ms_before'] / r['conv_ms_after']:.2f}x |")
+                     f"{r['conv_ms_before'] / r['conv_ms_after']:.2f}x | {r['conv_flops_ratio']:.2f}x | "
+                     f"{r['efficiency_ideal_convs']:.2f} |")
         lines.append(line)
     if breakdown:
         lines += ["", "non-conv time: share of the profiled CPU time outside convolutions (pooling, unpooling, BN, "
                   "ReLU, resize, concat, adds), unpruned -> pruned; conv speedup: convolution time alone, "
-                  "unpruned / pruned.", "", format_op_table(rows)]
+                  "unpruned / pruned; conv FLOPs ratio: the convolutions' and matrix products' FLOPs alone, "
+                  "unpruned / pruned; efficiency if convs ideal: the efficiency if convolution time fell exactly "
+                  "by the conv FLOPs ratio and every other op took its profiled pruned time (below 0.8, the ops "
+                  "outside convolutions alone keep the row under the target).", "", format_op_table(rows)]
     return "\n".join(lines)
 
 

@@ -269,7 +269,7 @@ def test_efficiency_with_ideal_convs_splits_a_shortfall_between_convs_and_the_re
            "conv_flops_ratio": 10.0, "ops_ms_before": {"conv": 80.0, "relu": 20.0},
            "ops_ms_after": {"conv": 12.0, "relu": 6.0}}
     assert efficiency_with_ideal_convs(row) == pytest.approx(100 / 14 / 8)
-    # the rest alone costing more than an eighth of the unpruned time rules the target out
+    # 0.8 x 8 = 6.4x needs the pruned forward within 15.6 ms: with 15 ms outside convolutions, ideal ones leave 0.54
     assert efficiency_with_ideal_convs({**row, "other_ms_after": 15.0}) == pytest.approx(100 / 23 / 8)
     row["efficiency_ideal_convs"] = efficiency_with_ideal_convs(row)
     assert "| 5.56x | 0.69 | no | 20% -> 33% | 6.67x | 10.00x | 0.89 |" in format_table([row], "header")

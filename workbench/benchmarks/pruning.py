@@ -288,13 +288,17 @@ def _share(row: dict, when: str) -> float:
     return row[f"other_ms_{when}"] / (row[f"conv_ms_{when}"] + row[f"other_ms_{when}"])
 
 
+def _markdown_head(columns: list[str]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def format_table(rows: list[dict], header: str) -> str:
     breakdown = bool(rows) and "conv_ms_before" in rows[0]
     columns = ["model", "mode", "ratio", "params", "GFLOPs", "FLOPs ratio", "latency ms", "speedup", "efficiency",
                "target"]
     if breakdown:
         columns += ["non-conv time", "conv speedup", "conv FLOPs ratio", "efficiency if convs ideal"]
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines = [header, "", *_markdown_head(columns)]
     for r in rows:
         line = (f"| {r['model']} | {r['mode']} | {r['ratio']:.2f} | "
                 f"{r['params_before'] / 1e6:.2f}M -> {r['params_after'] / 1e6:.2f}M | "
@@ -336,8 +340,7 @@ def format_op_table(rows: list[dict]) -> str:
     columns = ["model", "mode", "ratio", "FLOPs ratio", "op", "unpruned ms", "pruned ms", "shrink",
                "share of pruned time"]
     lines = ["Where the pruned networks spend their time (profiled self CPU time per op; the profiler's own "
-             "overhead makes these sums larger than the latencies above):", "",
-             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+             "overhead makes these sums larger than the latencies above):", "", *_markdown_head(columns)]
     for r in rows:
         total = sum(r["ops_ms_after"].values()) or 1.0
         for op, before, after in top_ops(r):

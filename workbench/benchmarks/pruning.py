@@ -40,9 +40,9 @@ only linearly with channels, and the layers around the fixed-size ends (the stem
 resize to the input size) barely shrink at all. ``--breakdown`` (CPU) profiles each network and
 reports the share of its time spent outside convolutions, before and after pruning, the efficiency
 the row would reach if its convolutions sped up exactly by their own FLOPs ratio (below 0.8, what
-lies outside the convolutions keeps it under the target by itself), and a second
-table of the ops each pruned network spends its time in, with how much each op shrank: an op with a
-large share and a shrink well below the FLOPs ratio is what holds the speedup back.
+lies outside the convolutions keeps it under the target by itself), and a second table of the ops
+each pruned network spends its time in, with how much each op shrank: an op with a large share and
+a shrink well below the FLOPs ratio is what holds the speedup back.
 
 On CPU the process keeps freed memory for reuse (``--allocator keep``, the default; see
 :mod:`workbench.benchmarks.allocator`): with glibc's defaults every large activation page-faults in

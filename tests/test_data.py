@@ -34,7 +34,8 @@ from workbench.data.digits import digit_split
 
 
 def test_registry_names():
-    assert list_datasets() == ["digits", "digit-scenes", "synthetic", "cifar10", "cifar100", "cityscapes"]
+    assert list_datasets() == ["digits", "digit-scenes", "fashion-mnist", "fashion-scenes", "synthetic", "cifar10",
+                               "cifar100", "cityscapes"]
     for name, info in DATASET_INFO.items():
         assert info.name == name
         assert info.task in ("classification", "segmentation")

@@ -1,4 +1,5 @@
-"""Datasets: the embedded default (``digits``, ``digit-scenes``) plus CIFAR and Cityscapes on disk.
+"""Datasets: the embedded default (``digits``, ``digit-scenes``), Fashion-MNIST (``fashion-mnist``,
+``fashion-scenes``; a subset ships, the full set is read from disk) plus CIFAR and Cityscapes on disk.
 
 ``get_dataset(name, split, root=None, **options)`` is the one entry point notebooks use;
 ``DATASET_INFO`` describes every name (task, classes, splits, options) without loading anything.
@@ -23,9 +24,17 @@ from .cityscapes import (
     label_id_to_train_id,
 )
 from .digits import DIGITS_CLASSES, DIGITS_SPLITS, DigitsDataset, digit_split
+from .fashion import FASHION_CLASSES, FASHION_MEAN, FASHION_SPLITS, FASHION_STD, FashionMNISTDataset
 from .loader import make_loader
 from .paths import DATA_ENV_VAR, default_data_root, resolve_root
-from .scenes import SCENE_CLASSES, SCENE_SPLITS, DigitScenesDataset, render_scene
+from .scenes import (
+    FASHION_SCENE_CLASSES,
+    SCENE_CLASSES,
+    SCENE_SPLITS,
+    DigitScenesDataset,
+    FashionScenesDataset,
+    render_scene,
+)
 from .synthetic import SYNTHETIC_SPLITS, SyntheticDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, segmentation_transform
 
@@ -53,6 +62,14 @@ def _build_digits(split: str, root: Any, **options: Any) -> Dataset:
 
 def _build_scenes(split: str, root: Any, **options: Any) -> Dataset:
     return DigitScenesDataset(split, **options)
+
+
+def _build_fashion(split: str, root: Any, **options: Any) -> Dataset:
+    return FashionMNISTDataset(split, root=root, **options)
+
+
+def _build_fashion_scenes(split: str, root: Any, **options: Any) -> Dataset:
+    return FashionScenesDataset(split, root=root, **options)
 
 
 def _build_cifar10(split: str, root: Any, **options: Any) -> Dataset:
@@ -101,6 +118,34 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         description="textured scenes with 2..4 non-overlapping digits; mask 0 = background, "
                     "1..10 = digit + 1",
         builder=_build_scenes),
+    "fashion-mnist": DatasetInfo(
+        name="fashion-mnist", task="classification", num_classes=10, in_channels=3, splits=FASHION_SPLITS,
+        options={"subset": "'quick': the shipped 500 train / 100 test per class; 'full': 60,000 / 10,000 "
+                           "from <root>/fashion-mnist/ or Debian's dataset-fashion-mnist",
+                 "size": "28: image side (28 native; 32 for the CIFAR ResNets' input size)",
+                 "channels": "3: 1, or 3 identical channels",
+                 "fit": "'resize': bilinear to size; 'pad': centred background padding (size >= 28)",
+                 "normalize": "True: mean 0.2860, std 0.3530 (full train set); False: [0, 1]",
+                 "per_class": "None: keep the first n images of each class (stratified)",
+                 "augment": "False: random shift (pad size//16, random crop) + horizontal flip"},
+        needs_download=False, ignore_index=None,
+        description="Zalando's Fashion-MNIST (MIT): 28x28 greyscale clothing photos, 10 classes, "
+                    "official train/test split; a stratified subset ships in data/fashion-mnist-quick",
+        builder=_build_fashion),
+    "fashion-scenes": DatasetInfo(
+        name="fashion-scenes", task="segmentation", num_classes=len(FASHION_SCENE_CLASSES), in_channels=3,
+        splits=SCENE_SPLITS,
+        options={"subset": "'quick': items from the shipped subset; 'full': from the full set",
+                 "size": "64: scene side (>= 64)",
+                 "length": "512 train / 128 test: number of scenes",
+                 "seed": "0: scene generator seed (scene = f(seed, split, index))",
+                 "min_items": "2", "max_items": "4",
+                 "min_item_size": "size // 4", "max_item_size": "size * 7 // 16",
+                 "threshold": "0.1: item intensity above which a pixel is labelled as the item"},
+        needs_download=False, ignore_index=255,
+        description="textured scenes with 2..4 non-overlapping Fashion-MNIST items; mask 0 = background, "
+                    "1..10 = class + 1",
+        builder=_build_fashion_scenes),
     "synthetic": DatasetInfo(
         name="synthetic", task="classification", num_classes=10, in_channels=3, splits=SYNTHETIC_SPLITS,
         options={"length": "2048 train / 512 test", "size": "32", "num_classes": "10", "seed": "0"},
@@ -168,6 +213,12 @@ __all__ = [
     "DatasetInfo",
     "DigitScenesDataset",
     "DigitsDataset",
+    "FASHION_CLASSES",
+    "FASHION_MEAN",
+    "FASHION_SCENE_CLASSES",
+    "FASHION_STD",
+    "FashionMNISTDataset",
+    "FashionScenesDataset",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SCENE_CLASSES",

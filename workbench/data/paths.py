@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DATA_ENV_VAR = "WORKBENCH_DATA"
+# where a wheel install puts the data that ships with the project (pyproject's data-files)
+INSTALLED_DATA_DIR = Path("share") / "workbench" / "data"
+
+
+def _source_checkout() -> Path | None:
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file() and (repo / "workbench").is_dir():
+        return repo
+    return None
+
+
+def implicit_data_root() -> Path:
+    """The data root nobody chose: ``<repo>/data`` for a source checkout, else ``./data``."""
+    repo = _source_checkout()
+    return repo / "data" if repo is not None else Path.cwd() / "data"
 
 
 def default_data_root() -> Path:
@@ -13,10 +29,17 @@ def default_data_root() -> Path:
     env = os.environ.get(DATA_ENV_VAR)
     if env:
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file() and (repo / "workbench").is_dir():
-        return repo / "data"
-    return Path.cwd() / "data"
+    return implicit_data_root()
+
+
+def shipped_data_dir() -> Path:
+    """The folder holding the data that ships with the project, whatever the data root is.
+
+    ``<repo>/data`` for a source checkout (an editable install included), else
+    ``<sys.prefix>/share/workbench/data``, where installing the wheel puts the same files.
+    """
+    repo = _source_checkout()
+    return repo / "data" if repo is not None else Path(sys.prefix) / INSTALLED_DATA_DIR
 
 
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:

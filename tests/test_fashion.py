@@ -6,6 +6,8 @@ import gzip
 import importlib.util
 import json
 import shutil
+import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,10 @@ import pytest
 import torch
 
 import workbench.data.fashion as fashion
+import workbench.data.paths as paths
 from workbench.data import FASHION_CLASSES, FASHION_MEAN, FASHION_STD, get_dataset, list_datasets
 from workbench.data.checksums import MANIFEST, ChecksumError, read_manifest, sha256_file
-from workbench.data.fashion import FASHION_FILES, fashion_arrays, fashion_split, quick_subset_dir
+from workbench.data.fashion import FASHION_FILES, FASHION_QUICK_DIR, fashion_arrays, fashion_split, quick_subset_dir
 from workbench.data.idx import read_idx, write_idx
 
 FULL_PRESENT = all((fashion.SYSTEM_FASHION_DIR / f"{stem}.gz").is_file()
@@ -158,6 +161,16 @@ def test_augment_shifts_and_flips_reproducibly():
                 for dx in range(2 * pad + 1):
                     found |= torch.equal(padded[:, dy:dy + 28, dx:dx + 28], aug)
         assert found
+
+
+def test_wheel_installs_the_subset_where_the_loader_looks(monkeypatch):
+    data_files = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    target = paths.INSTALLED_DATA_DIR / FASHION_QUICK_DIR
+    assert data_files == {target.as_posix(): [f"data/{FASHION_QUICK_DIR}/*"]}
+    assert quick_subset_dir() == REPO / "data" / FASHION_QUICK_DIR
+    # without a source checkout the loader looks where pip put the data files
+    monkeypatch.setattr(paths, "_source_checkout", lambda: None)
+    assert quick_subset_dir() == Path(sys.prefix) / target
 
 
 # ---------------------------------------------------------------- checksums and licence

@@ -186,7 +186,7 @@ def get_dataset(name: str, split: str, root: str | os.PathLike[str] | None = Non
     """Build dataset ``name`` for ``split``.
 
     ``root`` is the folder holding on-disk datasets (default ``$WORKBENCH_DATA`` or ``<repo>/data``);
-    the embedded datasets ignore it. Every returned dataset has ``name``, ``split``, ``task``,
+    the embedded datasets and the shipped Fashion-MNIST subset ignore it. Every returned dataset has ``name``, ``split``, ``task``,
     ``num_classes``, ``classes``, ``in_channels``, ``ignore_index``, ``mean`` and ``std``;
     classification datasets also have ``targets`` (int64 tensor). Unknown names, splits or options
     raise ``ValueError`` listing what is allowed, before anything is loaded.

@@ -496,7 +496,7 @@ def build_training(cfg: TrainConfig, info: DistInfo, device: torch.device):
     from workbench.train import default_optimizer
 
     seed_everything(cfg.seed)
-    options = {"augment": cfg.augment} if cfg.dataset in ("digits", "cifar10", "cifar100") else {}
+    options = {"augment": cfg.augment} if cfg.dataset in ("digits", "fashion-mnist", "cifar10", "cifar100") else {}
     train_set = get_dataset(cfg.dataset, "train", root=cfg.data_root, **options)
     test_split = "val" if cfg.dataset == "cityscapes" else "test"
     test_set = get_dataset(cfg.dataset, test_split, root=cfg.data_root)

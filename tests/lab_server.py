@@ -1,4 +1,4 @@
-"""A JupyterLab server started through ``workbench lab``'s own command line, stopped by process group."""
+"""A JupyterLab server started through ``workbench lab`` itself, stopped by its process ids."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
 class LabServer:
     port: int
     token: str
-    url: str
-    process: subprocess.Popen
+    process: subprocess.Popen  # `workbench lab`
 
     def api(self, path: str, token: bool = True) -> tuple[int, dict | None]:
         sep = "&" if "?" in path else "?"
@@ -31,21 +32,50 @@ class LabServer:
         except urllib.error.HTTPError as exc:
             return exc.code, None
 
+    def jupyter_pids(self) -> list[int]:
+        """The JupyterLab processes `workbench lab` started (its children)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(OSError):
+            return [int(pid) for pid in children.read_text().split()]
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
 
 @contextlib.contextmanager
 def running_lab(timeout: float = 90.0, log_path: str | None = None, root: str | None = None) -> Iterator[LabServer]:
-    from workbench.cli import _free_port, lab_command
+    """``workbench lab`` on a free port with a fresh token in ``$JUPYTER_TOKEN``; yields once the
+    server answers. Teardown sends SIGTERM to ``workbench lab`` only (it forwards it), then kills
+    whatever is left by pid."""
+    from workbench.lab import free_port
 
-    port, token = _free_port(), secrets.token_hex(16)
-    cmd, url = lab_command(port=port, token=token, root=root)
+    port, token = free_port(), secrets.token_hex(16)
+    cmd = [sys.executable, "-m", "workbench.cli", "lab", f"--port={port}"] + ([f"--root={root}"] if root else [])
     log = open(log_path or os.devnull, "wb")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = LabServer(port, token, url, process)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JUPYTER_TOKEN": token})
+    server = LabServer(port, token, process)
+    children: list[int] = []
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited early with code {process.returncode}")
+                raise RuntimeError(f"workbench lab exited early with code {process.returncode}")
             try:
                 if server.api("/api/status")[0] == 200:
                     break
@@ -54,13 +84,19 @@ def running_lab(timeout: float = 90.0, log_path: str | None = None, root: str | 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"jupyter lab did not answer on port {port} within {timeout} s")
             time.sleep(0.5)
+        children = server.jupyter_pids()
         yield server
     finally:
+        children = children or server.jupyter_pids()
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
+        if not wait_gone(children, 10):
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         log.close()

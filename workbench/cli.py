@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import secrets
-import socket
-import subprocess
 import sys
 
 from workbench.params import PRESETS, parse_cli_value
@@ -66,38 +62,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "done" else 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def lab_command(port: int | None = None, token: str | None = None, open_browser: bool = False,
-                root: str | None = None) -> tuple[list, str]:
-    """The ``jupyter lab`` command line bound to 127.0.0.1 with a token, rooted at the project
-    (or ``root``), with the workbench kernel as the default."""
-    from workbench.runner import ensure_kernel, project_root
-
-    ensure_kernel()
-    token = token or secrets.token_hex(24)
-    port = port or _free_port()
-    cmd = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root or project_root()}",
-           "--ServerApp.port_retries=0", "--MappingKernelManager.default_kernel_name=workbench"]
-    if not open_browser:
-        cmd.append("--no-browser")
-    if os.geteuid() == 0:  # containers and CI run as root; JupyterLab refuses that without the flag
-        cmd.append("--allow-root")
-    return cmd, f"http://127.0.0.1:{port}/lab?token={token}"
-
-
 def _cmd_lab(args: argparse.Namespace) -> int:
-    cmd, url = lab_command(args.port, args.token, args.browser, args.root)
-    print(f"[workbench] JupyterLab at {url}", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    from workbench.lab import serve_lab
+
+    return serve_lab(args.port, args.browser, args.root)
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -143,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-point", type=float, default=0.0)
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("lab", help="start JupyterLab on 127.0.0.1 with a token on the workbench kernel")
+    p = sub.add_parser("lab", help="start JupyterLab on 127.0.0.1 with a token on the workbench kernel",
+                       description="JupyterLab on 127.0.0.1 on the workbench kernel. The token is $JUPYTER_TOKEN "
+                                   "when set, else a fresh one; it is passed through the environment, never "
+                                   "on a command line. Ctrl-C or SIGTERM stops JupyterLab too.")
     p.add_argument("--port", type=int)
-    p.add_argument("--token")
     p.add_argument("--browser", action="store_true", help="open a browser")
     p.add_argument("--root", help="folder JupyterLab serves (default: the project)")
     p.set_defaults(func=_cmd_lab)

@@ -3,7 +3,7 @@ stage against the plain one, at CIFAR shapes; eager and under ``torch.compile``.
 
 Every number is a ratio to a baseline measured in the same run, in the same mode (eager against
 eager, compiled against compiled), interleaved round by round so that load from other processes
-hits both sides alike. The IEBN targets of issue 8 (CPU, every shape): eager <= 1.45x BN, compiled
+hits both sides alike. The IEBN targets (CPU, every shape): eager <= 1.45x BN, compiled
 <= 1.3x compiled BN.
 """
 

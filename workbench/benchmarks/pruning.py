@@ -31,7 +31,7 @@ them alike).
 - ``cuda-graph`` (CUDA only): BN folded, the whole forward captured once as a CUDA graph
   (``torch.cuda.graph``) and replayed. Eager PyTorch launches one kernel per op from Python, and a
   pruned network has as many ops as the unpruned one, so at batch 8 its kernels can finish faster
-  than Python launches them (stop 12, H100, 256x512: ICNet took 4.0 ms pruned or not). A replayed
+  than Python launches them (2026-11-26, H100, 256x512: ICNet took 4.0 ms pruned or not). A replayed
   graph is launched once, so what it measures is the GPU's own time.
 
 What FLOPs do not see still bounds the speedup: pooling, unpooling, ReLU and concatenation shrink

@@ -1,5 +1,6 @@
-"""Real browser against `workbench lab`: open 01_batch_noise, run all cells, drag the noise-level slider,
-and check that the figure's data changed. Runs when Debian's Chromium is installed (`.ci/run` installs it)."""
+"""Real browser against `workbench lab`: open a notebook, run all cells, drag its slider (01_batch_noise's
+noise level, 04_pruning_sparsity's prune ratio) and check that the figure's data changed. Runs when
+Debian's Chromium is installed (`.ci/run` installs it)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,15 @@ from workbench.runner import notebooks_dir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-# A small grid so the notebook's cells finish in about a minute on two cores; the cells and the
+# Small settings so each notebook's cells finish in about a minute on two cores; the cells and the
 # widget wiring are the notebook's own, only the literals of its parameters cell change.
-SMALL = {"norms": ["bn", "iebn"], "levels": [0.0, 1.0], "batch_sizes": [32, 64], "batch_size": 64,
-         "seeds": 1, "mix_seeds": 1, "mix_epochs": 1, "epochs": 1}
+SMALL = {
+    "01_batch_noise": {"norms": ["bn", "iebn"], "levels": [0.0, 1.0], "batch_sizes": [32, 64], "batch_size": 64,
+                       "seeds": 1, "mix_seeds": 1, "mix_epochs": 1, "epochs": 1},
+    "04_pruning_sparsity": {"epochs": 1, "finetune_epochs": 0, "ratios": [0.3, 0.7], "ratio": 0.3},
+}
+# (notebook, slider label, where the drag ends: the track's left end is the smallest value, the right the largest)
+SLIDERS = [("01_batch_noise", "noise level", "left"), ("04_pruning_sparsity", "prune ratio", "right")]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
@@ -36,31 +42,32 @@ READ_FIGURE = """() => {
 }"""
 
 
-def _small_copy(tmp_path: Path) -> Path:
+def _small_copy(tmp_path: Path, name: str) -> Path:
     from papermill.iorw import load_notebook_node, write_ipynb
     from papermill.parameterize import parameterize_notebook
 
     from workbench.runner import load_spec, plan_parameters
 
-    source = notebooks_dir() / "01_batch_noise.ipynb"
-    plan_parameters([load_spec(source)], SMALL)  # a stale override fails here, not after a long wait
+    source = notebooks_dir() / f"{name}.ipynb"
+    plan_parameters([load_spec(source)], SMALL[name])  # a stale override fails here, not after a long wait
 
-    target = tmp_path / "01_batch_noise.ipynb"
+    target = tmp_path / f"{name}.ipynb"
     node = load_notebook_node(str(source))
-    write_ipynb(parameterize_notebook(node, SMALL, kernel_name="workbench"), str(target))
+    write_ipynb(parameterize_notebook(node, SMALL[name], kernel_name="workbench"), str(target))
     return target
 
 
-def test_noise_slider_updates_the_figure_in_jupyterlab(tmp_path):
+@pytest.mark.parametrize(("name", "label", "end"), SLIDERS, ids=[f"{n}-{label}" for n, label, _ in SLIDERS])
+def test_dragging_the_slider_updates_the_figure_in_jupyterlab(tmp_path, name, label, end):
     from playwright.sync_api import sync_playwright
 
-    _small_copy(tmp_path)
+    _small_copy(tmp_path, name)
     ARTIFACTS.mkdir(exist_ok=True)
     with running_lab(root=str(tmp_path), log_path=str(tmp_path / "lab.log")) as lab, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/01_batch_noise.ipynb?token={lab.token}")
+            page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/{name}.ipynb?token={lab.token}")
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
             # the status bar reads "Python (workbench) | Idle" once the kernel is up
             page.locator(".jp-StatusBar-Widget", has_text="Idle").first.wait_for(timeout=120_000)
@@ -69,23 +76,29 @@ def test_noise_slider_updates_the_figure_in_jupyterlab(tmp_path):
             page.wait_for_selector(".widget-vbox .widget-slider", timeout=900_000)
             page.wait_for_selector(".widget-vbox .js-plotly-plot", timeout=120_000)
             before = _wait_for(page, lambda: page.evaluate(READ_FIGURE), timeout=120)
-            slider = page.locator(".widget-vbox .widget-slider").filter(has_text="noise level").first
-            slider.scroll_into_view_if_needed()
-            handle = slider.locator(".noUi-handle").first
-            box = handle.bounding_box()
-            track = slider.locator(".noUi-target").first.bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.mouse.down()
-            page.mouse.move(track["x"] + 2, box["y"] + box["height"] / 2, steps=15)  # to level 0
-            page.mouse.up()
+            _drag_slider(page, label, end)
             after = _wait_for(page, lambda: _changed(page.evaluate(READ_FIGURE), before), timeout=300)
-            page.screenshot(path=str(ARTIFACTS / "browser-01_batch_noise.png"), full_page=False)
+            page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"), full_page=False)
         finally:
             browser.close()
     assert after != before
     traces_before, traces_after = json.loads(before), json.loads(after)
     assert traces_before and traces_after
     assert [t[2] for t in traces_before] != [t[2] for t in traces_after], "the figure's data must change"
+
+
+def _drag_slider(page, label: str, end: str) -> None:
+    """Drag the handle of the slider labelled ``label`` with the mouse to the ``end`` of its track."""
+    slider = page.locator(".widget-vbox .widget-slider").filter(has_text=label).first
+    slider.scroll_into_view_if_needed()
+    box = slider.locator(".noUi-handle").first.bounding_box()
+    track = slider.locator(".noUi-target").first.bounding_box()
+    target_x = track["x"] + 2 if end == "left" else track["x"] + track["width"] - 2
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] / 2, y)
+    page.mouse.down()
+    page.mouse.move(target_x, y, steps=15)
+    page.mouse.up()
 
 
 def _changed(current: str | None, before: str) -> str | None:

@@ -1,5 +1,5 @@
 """Parameter counts of ResNet-164 on CIFAR-100 (plain, +SE, +IEBN, +DIA) next to the papers' counts
-(counted from the papers' official model definitions, papers.md 2.5 and 3.4).
+(counted from the papers' official model definitions, see docs/methods.md, *References*).
 
     python scripts/param_table.py                  # print the markdown table
     python scripts/param_table.py --write README.md  # replace the block between the markers

@@ -226,7 +226,7 @@ def _checkpoint(state: TrainState, callbacks: Sequence[Callback]) -> dict:
 def default_optimizer(model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
                       weight_decay: float = 1e-4) -> torch.optim.Optimizer:
     """SGD with momentum 0.9 and weight decay 1e-4 on every parameter, as in the IEBN/DIANet code
-    (IEBN's attention parameters get weight decay too; papers.md 2.3)."""
+    (IEBN's attention parameters get weight decay too; docs/methods.md, *IEBN*)."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 

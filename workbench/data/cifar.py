@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 from ._validate import check_bool, check_choice
 
 CIFAR_SPLITS = ("train", "test")
-# per-channel statistics used by IEBN's official CIFAR scripts (papers.md §2.6), for both datasets
+# per-channel statistics used by IEBN's official CIFAR scripts (docs/methods.md, *IEBN*), for both datasets
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 

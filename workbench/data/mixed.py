@@ -1,6 +1,6 @@
 """The mix-dataset attack: batches drawn from two distributions at once.
 
-IEBN's second noise attack (papers.md 2.4) trains on batches that mix data of different
+IEBN's second noise attack (docs/methods.md, *Batch-statistic noise attacks*) trains on batches that mix data of different
 distributions, so every batch statistic is a statistic of a mixture that fits neither part. Here:
 
 - :class:`ShiftedDataset` -- a distribution-shifted copy of an image dataset (inverted, low

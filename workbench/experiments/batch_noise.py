@@ -14,11 +14,11 @@ Everything the notebook shows is computed here and returned as plain data:
 - :func:`summarize`, :func:`accuracy_at`, :func:`key_numbers` -- what figures, sliders and
   ``results.json`` read.
 
-Design choices (the paper gives no recipe for its attacks; papers.md 2.4): the learning rate is
-scaled linearly with the batch size (``lr * batch_size / 64``), so every batch size sees the same
-number of epochs at a comparable step size; noise is injected into every BN-family layer (IEBN's
-plain-BN shortcut layers included) with clean running statistics, so test accuracy measures what
-the weights learned under noise. The no-norm reference trains with AdamW (lr 0.002, gradient norm
+Design choices (the paper gives no recipe for its attacks; docs/methods.md, *Batch-statistic noise
+attacks*): the learning rate is scaled linearly with the batch size (``lr * batch_size / 64``), so
+every batch size sees the same number of epochs at a comparable step size; noise is injected into every
+BN-family layer (IEBN's plain-BN shortcut layers included) with clean running statistics, so test
+accuracy measures what the weights learned under noise. The no-norm reference trains with AdamW (lr 0.002, gradient norm
 clipped at 1.0), the quickstart's no-norm recipe: with the BN networks' SGD it stayed at 0.37 clean
 accuracy in the quick preset, with this recipe 0.93.
 """

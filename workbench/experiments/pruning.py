@@ -22,8 +22,8 @@ scale alike, so the quick preset applies the penalty as a decoupled proximal ste
 momentum and the subgradient, as the papers do. BN scales start at 0.5 (Network Slimming).
 
 Both methods prune at the same *channel* ratio (the paper's "CAP-60%" labels are read as channel
-percentiles, papers.md 5.4), so their params/FLOPs reductions are reported side by side rather than
-matched; fine-tuning uses the same epochs and learning rate for both.
+percentiles, docs/methods.md *CAP: CAGM and CAGS*), so their params/FLOPs reductions are reported
+side by side rather than matched; fine-tuning uses the same epochs and learning rate for both.
 """
 
 from __future__ import annotations

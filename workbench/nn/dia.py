@@ -1,6 +1,6 @@
 """DIA-LSTM (Huang et al., DIANet, AAAI-20): the modified LSTM cell one stage shares across its blocks.
 
-Math exactly as the official code (papers.md 3.2), for the GAP ``z`` of a block's residual branch
+Math exactly as the official code (docs/methods.md, *DIA-LSTM / DIANet*), for the GAP ``z`` of a block's residual branch
 and the state ``(h, c)`` the previous block of the stage left behind (zeros at the stage start)::
 
     [i~, f~, g~, o~] = phi_ih(z) + phi_hh(h)          phi(u) = W2 relu(W1 u + b1) + b2, C -> C/r -> 4C

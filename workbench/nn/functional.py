@@ -441,7 +441,7 @@ def update_running_stats(module: torch.nn.modules.batchnorm._BatchNorm, mean: Te
 
 def iebn_reference(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
                    attn_weight: Tensor, attn_bias: Tensor, eps: float) -> Tensor:
-    """The IEBN formula transcribed literally (papers.md 2.1), for tests and for reading.
+    """The IEBN formula transcribed literally (docs/methods.md, *IEBN*), for tests and for reading.
 
     ``mean``/``var`` are the statistics that normalise: biased batch statistics in training mode,
     running statistics in eval mode.

@@ -1,7 +1,8 @@
 r"""Batch-statistic noise injection: the IEBN paper's noise attack and its random generalisations.
 
 Every selected normalisation layer normalises its training-mode batch with *perturbed* statistics
-(papers.md 2.4; the equations are the project's own, the paper's exact ones were not found):
+(docs/methods.md, *Batch-statistic noise attacks*; the equations are the workbench's own, the paper
+does not publish its own):
 
 - ``"constant"`` -- the constant attack. The same fixed constants in every layer and step, derived
   from ``level`` = :math:`a`: the mean is shifted by :math:`a` batch standard deviations and the

@@ -1,5 +1,5 @@
 r"""BN estimation noise per layer: how far batch statistics stray from population statistics, as a
-function of the batch size (papers.md 1, *estimation noise per layer*).
+function of the batch size (docs/methods.md, *BN estimation noise*).
 
 One eval-mode pass over a data set records, at the input of every normalisation layer, each
 sample's per-channel mean :math:`m_{n,c}` and (biased, over the spatial positions) variance

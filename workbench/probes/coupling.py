@@ -1,4 +1,4 @@
-r"""BN coupling gap: the batch noise itself (papers.md 1).
+r"""BN coupling gap: the batch noise itself (docs/methods.md, *BN coupling gap*).
 
 Split a batch of :math:`n` samples into :math:`k` micro-batches of :math:`b = n/k`, each normalised
 with its own statistics (ghost batches), and compare the mean of their gradients with the gradient

@@ -1,7 +1,7 @@
 r"""Gradient noise scale :math:`B_\text{simple} = \mathrm{tr}(\Sigma)/|G|^2` (McCandlish et al. 2018).
 
 From :math:`\mathbb E|G_B|^2 = |G|^2 + \mathrm{tr}(\Sigma)/B` at two batch sizes :math:`b < B`
-(papers.md 6.1), each step gives unbiased estimates
+(docs/methods.md, *Gradient noise scale*), each step gives unbiased estimates
 
 .. math::
     \widehat{|G|^2} = \frac{B|G_B|^2 - b|G_b|^2}{B - b},\qquad
@@ -19,7 +19,7 @@ read-out. Two ways to get :math:`G_b` and :math:`G_B`:
   normalised with its own statistics, and their gradients come from one vectorised pass
   (:func:`~workbench.probes.microbatch.micro_batch_gradients`); :math:`|G_b|^2` is the mean of the
   micro-gradient norms and :math:`G_B` their mean (exactly the data-parallel situation with
-  :math:`k` devices, papers.md 6.3). This equals the sample-variance form
+  :math:`k` devices, docs/methods.md *Micro-batch gradients*). This equals the sample-variance form
   :math:`\widehat{\mathrm{tr}\Sigma} = b\,\widehat{\mathrm{Var}}`,
   :math:`\widehat{|G|^2} = |\bar g|^2 - \widehat{\mathrm{Var}}/k`.
 
@@ -27,7 +27,7 @@ With batch norm, per-example gradients do not exist; :math:`\Sigma` here is the 
 *micro-batch* gradients scaled by :math:`b`, the quantity that matters for the batch size.
 
 Under DistributedDataParallel, :class:`DDPGradientNoiseScale` is McCandlish et al.'s nearly free
-estimator (their Appendix A, papers.md 6.1): every rank's own gradient is a :math:`G_b` with
+estimator (their Appendix A; docs/methods.md, *Gradient noise scale*): every rank's own gradient is a :math:`G_b` with
 :math:`b` = the per-rank batch, the all-reduced gradient DDP hands the optimiser is :math:`G_B` with
 :math:`B` = the global batch, and the same two formulas apply, with :math:`|G_b|^2` averaged over
 the ranks (same expectation, lower variance). No extra forward or backward runs.
@@ -212,7 +212,8 @@ class DDPGradientNoiseScale(_NoiseScaleProbe):
     ``sq_small`` is the mean over ranks of :math:`|G_b|^2` and ``sq_big`` :math:`|G_B|^2`; both are
     the data gradient only (read before any callback, e.g. a sparsity subgradient, edits ``.grad``).
     With synchronised batch statistics a rank's gradient still depends on the other ranks' samples
-    through the shared statistics (papers.md 6.3: with BN only batch-level gradients exist); with
+    through the shared statistics (with BN only batch-level gradients exist; docs/methods.md,
+    *Gradient noise scale*); with
     ``sync_bn`` off every rank's batch is normalised on its own, exactly the ghost-batch situation
     of the ``micro`` method with ``k`` = the number of ranks.
 

@@ -1,14 +1,14 @@
 r"""Per-layer gradient signal-to-noise ratio (Liu et al., ICLR 2020) from micro-batch gradients.
 
 For parameter :math:`\theta_j` with micro-batch gradients :math:`g^{(1)}_j..g^{(k)}_j` (each
-micro-batch normalised with its own statistics, papers.md 6.3):
+micro-batch normalised with its own statistics, docs/methods.md *Micro-batch gradients*):
 :math:`r_j = (\bar g_j^2 - \widehat{\mathrm{Var}}_j/k)/\widehat{\mathrm{Var}}_j` with the unbiased
 sample variance over the :math:`k` micro-batches; subtracting :math:`\widehat{\mathrm{Var}}_j/k`
 makes the numerator unbiased for :math:`(\mathbb E g_j)^2`, so single values can be negative.
 This is the GSNR of *micro-batch* gradients; a per-example GSNR is :math:`b` times smaller when
 examples are independent. Reported per layer (all parameters of a module together) as mean and
 median, plus the variance-weighted mean over the whole network, which is
-:math:`|\widehat G|^2/\widehat{\mathrm{tr}}\,\mathrm{Cov}(g)`, i.e. :math:`b/B_\text{simple}` (papers.md 6.2).
+:math:`|\widehat G|^2/\widehat{\mathrm{tr}}\,\mathrm{Cov}(g)`, i.e. :math:`b/B_\text{simple}` (docs/methods.md, *GSNR*).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Micro-batch gradients: a batch split into ``k`` micro-batches, one gradient each, every
-micro-batch normalised with its own batch statistics (ghost batches; papers.md 6.3).
+micro-batch normalised with its own batch statistics (ghost batches; docs/methods.md, *Micro-batch gradients*).
 
 The vectorised path runs ``torch.func.vmap`` over ``torch.func.grad`` of a ``functional_call`` on a
 *probe copy* of the model: a deep copy with its batch norms made functional

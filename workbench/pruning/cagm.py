@@ -1,4 +1,4 @@
-"""CAGM, CAP's context-aware guiding module (papers.md 5.2), as a removable forward hook.
+"""CAGM, CAP's context-aware guiding module (docs/methods.md, *CAP: CAGM and CAGS*), as a removable forward hook.
 
 A CAGM sits at a BN site and reads the feature after that BN and its activation (``ReLU(BN(x))``,
 as in the figure's ``Conv -> BN -> activation``), with gradients stopped. From the per-sample

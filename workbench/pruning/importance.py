@@ -6,7 +6,7 @@ pruned. :class:`EffectiveScaleImportance` recognises every ``_BatchNorm`` in a g
 pruner, and scores a channel by its *effective* scale:
 
 - BN: ``|gamma_c|`` (Network Slimming);
-- IEBN: ``|gamma_c| * mean_n a_{n,c}``, the mean of the instance gate over data (papers.md 7.12),
+- IEBN: ``|gamma_c| * mean_n a_{n,c}``, the mean of the instance gate over data (docs/methods.md, *Network Slimming*),
   when a per-layer mean attention is given (:func:`iebn_mean_attention`);
 - CAP (``guidance``): at CAGM sites the score is further multiplied by ``g_c / mean_c(g)``, the
   layer-normalised context guiding vector, so the context that steered the sparsity during CAGS
@@ -103,7 +103,7 @@ def _batches(data: Any) -> Iterable[torch.Tensor]:
 
 
 def _iebn_gate(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(attn_weight * GAP(x) + attn_bias)`` per sample and channel, ``(N, C)`` (DESIGN.md)."""
+    """``sigmoid(attn_weight * GAP(x) + attn_bias)`` per sample and channel, ``(N, C)`` (docs/methods.md, *IEBN*)."""
     gap = x.float().mean(dim=(2, 3))
     w = layer.attn_weight.detach().float().reshape(1, -1)
     b = layer.attn_bias.detach().float().reshape(1, -1)

@@ -1,6 +1,6 @@
 """Global BN-scale channel pruning with physical removal (Network Slimming / CAP).
 
-Threshold (Network Slimming, papers.md 4): gather the importance of every prunable channel (one
+Threshold (Network Slimming, docs/methods.md): gather the importance of every prunable channel (one
 score per channel of each Torch-Pruning group, i.e. per set of coupled channels), sort ascending,
 take ``threshold = sorted[floor(ratio * total)]`` and prune the channels whose importance is
 ``<= threshold`` (the paper keeps ``> threshold``), i.e. the ``floor(ratio * total) + 1`` lowest;

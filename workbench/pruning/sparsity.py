@@ -1,9 +1,9 @@
 """Sparsity training on BN scales as training callbacks (``on_after_backward`` / ``on_step_end``).
 
 - :class:`BNScaleSparsity`: Network Slimming, ``gamma.grad += lam_t * sign(gamma)`` on every BN
-  (papers.md 4), applied by Torch-Pruning's ``BNScalePruner.regularize`` (built once, on the first
-  batch; ``group_lasso=True`` switches to its group-lasso variant).
-- :class:`CAGSSparsity`: CAP's context-aware guided sparsification (papers.md 5.3, project form):
+  (docs/methods.md, *Network Slimming*), applied by Torch-Pruning's ``BNScalePruner.regularize``
+  (built once, on the first batch; ``group_lasso=True`` switches to its group-lasso variant).
+- :class:`CAGSSparsity`: CAP's context-aware guided sparsification (docs/methods.md, *CAP: CAGM and CAGS*):
   ``gamma.grad += lam_t * w * sign(gamma)`` with ``w = 2 (1 - a)`` from the CAGM guiding vector ``a``
   at the CAGM sites and ``w = 1`` (plain L1, ``other_bns="l1"``) or ``w = 0`` (``"none"``) at the
   other BNs: the same regulariser, weighted per channel.
@@ -23,7 +23,7 @@ Two ways to apply the penalty (``mode``):
 
 Lambda schedule: ``lam_t = lam * min(1, (step + 1) / warmup_steps) * schedule(epoch, step)``;
 ``warmup_steps=0`` and ``schedule=None`` give a constant lambda, as in Network Slimming. Defaults
-per architecture (papers.md 4; CAP's own values are not published): 1e-4 for VGG-style nets (SegNet),
+per architecture (Network Slimming's; CAP's own values are not published): 1e-4 for VGG-style nets (SegNet),
 1e-5 for ResNet-style nets (:data:`DEFAULT_LAMBDA`), for SGD with the subgradient. In proximal mode
 under AdamW lambda compares with gradient magnitudes instead: 2e-3 gave PSPNet-18 (width 0.25, 8
 epochs on digit-scenes) 65% of its scales below 1e-2 at the plain run's mIoU, 1e-2 emptied 91% and

@@ -1,4 +1,4 @@
-"""Read-only measurements: gradient noise, BN statistics, attention recorders."""
+"""Read-only measurements: gradient noise, BN statistics, attention recorders, IEBN gate engagement."""
 
 from workbench.probes.attention import (  # noqa: F401
     AttentionAccumulator,
@@ -12,6 +12,13 @@ from workbench.probes.base import Probe, ProbeLog, load_probe_log  # noqa: F401
 from workbench.probes.bn_stats import BNEstimationNoise, bn_input_moments, estimation_noise  # noqa: F401
 from workbench.probes.coupling import CouplingGap, coupling_gap  # noqa: F401
 from workbench.probes.dia import DIARecorder, dia_cells, gate_summary  # noqa: F401
+from workbench.probes.gate import (  # noqa: F401
+    GATE_ENGAGEMENT_THRESHOLD,
+    GateEngagement,
+    GateRecorder,
+    gate_engagement,
+    gate_engagement_warning,
+)
 from workbench.probes.gradient_noise import (  # noqa: F401
     DDPGradientNoiseScale,
     GradientNoiseScale,

@@ -2,6 +2,7 @@
 
 from workbench.pruning.cagm import CAGM, CAGMSet, attach_cagms, compute_guidance, default_sites
 from workbench.pruning.cost import count_flops, count_params, measure_latencies, measure_latency, preferred_round_to
+from workbench.pruning.flops_target import FLOPS_TOLERANCE, check_flops_target, flops_floor, prune_to_flops
 from workbench.pruning.fold import fold_batchnorm
 from workbench.pruning.importance import EffectiveScaleImportance, effective_scale, iebn_mean_attention
 from workbench.pruning.prune import METHODS, PruneReport, prune
@@ -18,10 +19,10 @@ from workbench.pruning.sparsity import (
 )
 
 __all__ = [
-    "CAGM", "CAGMSet", "METHODS", "BNScaleRecorder", "BNScaleSparsity", "CAGSSparsity", "DIAPruner",
-    "EffectiveScaleImportance", "PerChannelNormPruner", "PruneReport", "attach_cagms", "attach_spec",
-    "bn_scales", "build_from_spec", "compute_guidance", "count_flops", "count_params", "default_customized_pruners",
-    "default_lambda", "default_sites", "effective_scale", "fold_batchnorm", "iebn_mean_attention", "load_pruned",
-    "make_spec", "measure_latencies", "measure_latency", "preferred_round_to", "prune", "save_pruned",
-    "soft_threshold_", "sparsity_fraction",
+    "CAGM", "CAGMSet", "FLOPS_TOLERANCE", "METHODS", "BNScaleRecorder", "BNScaleSparsity", "CAGSSparsity",
+    "DIAPruner", "EffectiveScaleImportance", "PerChannelNormPruner", "PruneReport", "attach_cagms", "attach_spec",
+    "bn_scales", "build_from_spec", "check_flops_target", "compute_guidance", "count_flops", "count_params",
+    "default_customized_pruners", "default_lambda", "default_sites", "effective_scale", "flops_floor",
+    "fold_batchnorm", "iebn_mean_attention", "load_pruned", "make_spec", "measure_latencies", "measure_latency",
+    "preferred_round_to", "prune", "prune_to_flops", "save_pruned", "soft_threshold_", "sparsity_fraction",
 ]

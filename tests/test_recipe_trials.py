@@ -185,3 +185,45 @@ def test_paired_arms_see_the_same_batch_order_and_noise_draws():
     assert len(bn_draws) == len(iebn_draws) > 0
     assert all(torch.equal(x, y) for x, y in zip(bn_draws, iebn_draws))
     assert not torch.equal(draws("iebn", 8)[0], iebn_draws[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: a real training loop through the protocol
+
+
+def arm_builder(arm: str) -> torch.nn.Module:
+    model = build("bn")
+    if arm == "bn_again":
+        torch.randn(1000)  # this arm's construction draws more from the global generator (as an SE block would)
+    return model
+
+
+def train_point(arm: str, seed: int, setting: dict) -> dict:
+    """A per-point function as experiments write it: paired weights, batches, noise and augmentation.
+    Both arms build the same BN network, so exact pairing must give identical metrics."""
+    from torch.utils.data import Subset
+
+    from workbench.train import evaluate, fit, make_optimizer
+
+    train = get_dataset("digits", "train", size=8, augment=True)
+    test = Subset(get_dataset("digits", "test", size=8), range(128))
+    model = paired_models(arm_builder, ["bn", arm] if arm != "bn" else ["bn"], seed)[arm]
+    noise = batch_stat_noise(model, setting["level"], kind="both", seed=seed)
+    fit(model, paired_loader(train, 32, seed), epochs=1, max_steps=4, optimizer=make_optimizer(model, "sgd", 0.05),
+        callbacks=[noise], device="cpu", progress=False, write_checkpoints=False)
+    noise.remove()
+    return {"acc": evaluate(model, torch.utils.data.DataLoader(test, 64), device="cpu")["acc"],
+            "weight_sum": float(sum(p.detach().double().sum() for p in model.parameters()))}
+
+
+def test_identical_arms_on_paired_seeds_differ_by_exactly_zero():
+    trial = Trial(claim="a copy of BN equals BN", arms=("bn", "bn_again"), metric="weight_sum",
+                  direction="greater", seeds=[0, 1], settings=[{"level": 0.5}])
+    result = run_trial(trial, train_point, progress=False)
+    by_seed = {(r["arm"], r["seed"]): r for r in result.rows}
+    assert by_seed[("bn", 0)]["weight_sum"] != by_seed[("bn", 1)]["weight_sum"]  # the seed matters
+    for seed in (0, 1):
+        assert by_seed[("bn", seed)] | {"arm": "x"} == by_seed[("bn_again", seed)] | {"arm": "x"}
+    verdict = result.verdicts[0]
+    assert verdict.interval.mean == 0.0 and verdict.interval.sd == 0.0
+    assert verdict.verdict == "inconclusive" and verdict.seeds_needed is None

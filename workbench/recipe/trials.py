@@ -18,11 +18,25 @@ the per-point function's job, with the helpers of :mod:`workbench.recipe.pairing
 
 Execution: ``run_point`` must be a pure function of its arguments (no state shared between points,
 everything seeded from ``seed``), so points may run in any order and anywhere. :func:`run_trial`
-runs them in this process with a progress bar, or on any ``concurrent.futures.Executor`` given as
-``executor`` (a process pool over CPU cores; Ray offers the same interface). The notebook sweep
-machinery (:mod:`workbench.sweep`) executes notebooks, not functions, so trials do not go through
+runs them in this process with a progress bar, or through ``executor``: anything with
+``concurrent.futures``' ``submit(fn, *args) -> Future`` (a ``ProcessPoolExecutor`` over CPU cores,
+each worker limited to its share of the cores as :func:`workbench.sweep.threads_per_point`
+computes; on Ray, an adaptor whose ``submit`` starts a task and returns ``ref.future()``). The
+notebook sweep machinery (:mod:`workbench.sweep`) executes notebooks, not functions, so trials do not go through
 it; rows computed elsewhere (another machine, a sweep's results) give the same verdicts through
 :func:`verdicts_from_rows`.
+
+A per-point function, in outline (``build``, ``train_set`` and ``accuracy`` are the experiment's)::
+
+    def run_point(arm, seed, setting):
+        model = paired_models(build, trial.arms, seed)[arm]
+        noise = batch_stat_noise(model, setting["level"], seed=seed)
+        fit(model, paired_loader(train_set, 64, seed), epochs=3, callbacks=[noise], progress=False)
+        noise.remove()
+        return {"acc": accuracy(model)}
+
+    result = run_trial(trial, run_point)
+    result.to_json("reports/run/results.json")
 
 Bad input (fewer than 2 seeds, repeated seeds or arms, an unknown direction) is refused when the
 :class:`Trial` is built, before any point runs.
@@ -33,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,7 +216,7 @@ def _row(point: TrialPoint, metrics: Any, metric: str) -> dict:
 
 
 def run_trial(trial: Trial, run_point: Callable[[str, int, dict], Mapping[str, Any]], *,
-              executor: Executor | None = None, progress: bool = True) -> TrialResult:
+              executor: Any = None, progress: bool = True) -> TrialResult:
     """Run every point of ``trial`` (see the module docstring) and return rows and verdicts."""
     if not isinstance(trial, Trial):
         raise ValueError(f"trial={type(trial).__name__} is not valid; allowed: a workbench.recipe.Trial")

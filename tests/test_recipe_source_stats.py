@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from workbench.data.mixed import MixedDataset
+from workbench.nn import IEBN2d
 from workbench.recipe import evaluate_per_source, recalibrate_bn
 
 
@@ -35,11 +36,15 @@ def mixed(n: int, seed: int) -> MixedDataset:
     return MixedDataset(LevelImages(n, seed, name="a"), LevelImages(n, seed + 1, scale=3.0, shift=10.0, name="b"))
 
 
-def control_model(train: MixedDataset) -> nn.Module:
+def control_model(train: MixedDataset, norm: str = "bn") -> nn.Module:
     """What single-source training leaves: a classifier of the normalised level, whose running
-    statistics average the batches of both sources (cumulative average over alternating batches)."""
-    model = nn.Sequential(nn.BatchNorm2d(1, momentum=None), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
+    statistics average the batches of both sources (cumulative average over alternating batches).
+    The IEBN variant's gate is opened (attn_bias 10: gate ~1) so both norms classify alike."""
+    layer = nn.BatchNorm2d(1, momentum=None) if norm == "bn" else IEBN2d(1, momentum=None)
+    model = nn.Sequential(layer, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
     with torch.no_grad():
+        if norm == "iebn":
+            layer.attn_bias.fill_(10.0)
         model[3].weight.copy_(torch.tensor([[-5.0], [5.0]]))
         model[3].bias.zero_()
         model.train()
@@ -49,9 +54,10 @@ def control_model(train: MixedDataset) -> nn.Module:
     return model.eval()
 
 
-def test_control_fails_with_mixture_statistics_and_passes_with_per_source_ones():
+@pytest.mark.parametrize("norm", ["bn", "iebn"])
+def test_control_fails_with_mixture_statistics_and_passes_with_per_source_ones(norm):
     train, test = mixed(256, seed=0), mixed(128, seed=10)
-    model = control_model(train)
+    model = control_model(train, norm)
     # the running mean sits between the sources (0 and 10): it matches neither
     assert 3.0 < float(model[0].running_mean) < 7.0
     mixture = evaluate_per_source(model, test, statistics="mixture", batch_size=64)

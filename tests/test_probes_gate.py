@@ -63,6 +63,8 @@ def test_threshold_sentence_follows_the_spread():
     assert gate_engagement_warning(engaged, threshold=0.2) is not None
     with pytest.raises(ValueError, match=r"threshold=0 is not valid; allowed: a number > 0"):
         gate_engagement_warning(engaged, threshold=0)
+    with pytest.raises(ValueError, match=r"threshold=-1 is not valid; allowed: a number > 0"):
+        GateEngagement(hand_inputs(), threshold=-1)
 
 
 def test_gate_engagement_refuses_a_model_without_iebn_and_too_few_samples():

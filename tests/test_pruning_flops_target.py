@@ -67,3 +67,5 @@ def test_tolerance_and_inplace_are_checked(model_and_inputs):
         prune_to_flops(model, 0.5, x, tolerance=0)
     with pytest.raises(ValueError, match=r"inplace=True is not valid here"):
         prune_to_flops(model, 0.5, x, inplace=True)
+    with pytest.raises(ValueError, match=r"method='l1' is not valid; allowed: \('slimming', 'cap'\)"):
+        prune_to_flops(model, 0.5, x, "l1")

@@ -100,10 +100,17 @@ def test_bad_trials_are_refused_before_any_point_runs(changes, message):
     assert calls == []
 
 
-def test_a_point_without_the_metric_is_named():
+def test_a_point_without_the_metric_is_named_and_stops_the_trial():
+    calls = []
+
+    def point(arm, seed, setting):
+        calls.append(arm)
+        return {"loss": 1.0}
+
     with pytest.raises(ValueError, match=r"run_point\('bn', 0, \{\}\) returned \{'loss': 1.0\}; allowed: a dict "
                                          r"holding the trial's metric 'acc'"):
-        run_trial(toy_trial(settings=[{}]), lambda arm, seed, setting: {"loss": 1.0}, progress=False)
+        run_trial(toy_trial(settings=[{}]), point, progress=False)
+    assert calls == ["bn"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,11 +117,16 @@ def _layers_of(engagement: Any) -> Mapping[str, Mapping[str, float]]:
                      "GateEngagement record")
 
 
+def _check_threshold(threshold: Any) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise ValueError(f"threshold={threshold!r} is not valid; allowed: a number > 0")
+    return float(threshold)
+
+
 def gate_engagement_warning(engagement: Any, threshold: float = GATE_ENGAGEMENT_THRESHOLD) -> str | None:
     """The sentence saying the run cannot speak about IEBN's mechanism when no layer's gate
     ``relative_spread`` reaches ``threshold``; ``None`` when the gate is instance-specific."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold <= 0:
-        raise ValueError(f"threshold={threshold!r} is not valid; allowed: a number > 0")
+    threshold = _check_threshold(threshold)
     layers = _layers_of(engagement)
     largest = max(float(v["relative_spread"]) for v in layers.values())
     if largest >= threshold:
@@ -152,8 +157,7 @@ class GateEngagement(Probe):
         if inputs.dim() != 4 or inputs.shape[0] < 2:
             raise ValueError(f"data gives inputs of shape {tuple(inputs.shape)}; allowed: at least 2 images (C, H, W)")
         self.inputs = inputs
-        self.threshold = threshold
-        gate_engagement_warning({"x": {"relative_spread": 1.0}}, threshold)  # validates the threshold now
+        self.threshold = _check_threshold(threshold)
 
     def config(self) -> dict:
         return {**super().config(), "threshold": self.threshold, "n_samples": int(self.inputs.shape[0])}

@@ -100,6 +100,8 @@ def prune_to_flops(model: nn.Module, target: float, example_inputs: Any, method:
     (``latency`` and its options only to the final call). Returns ``prune``'s ``(model, report)``:
     ``report.ratio`` is the ratio found, ``report.flops_after / report.flops_before`` the fraction."""
     target = _check_target(target)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not valid; allowed: {METHODS}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
         raise ValueError(f"tolerance={tolerance!r} is not valid; allowed: a relative tolerance in (0, 1)")
     if prune_options.get("inplace"):

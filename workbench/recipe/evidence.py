@@ -125,4 +125,4 @@ def power_sentence(interval: PairedInterval, max_seeds: int = MAX_SEEDS) -> str:
     observed = f"observed paired effect {interval.mean:+.4g}, paired SD {interval.sd:.4g}"
     if needed is None:
         return f"a decisive answer is not reachable (within {max_seeds} seeds) at the {observed}"
-    return f"a decisive answer would need about {needed} seeds at the {observed} ({interval.n} run)"
+    return f"a decisive answer would need about {needed} seeds at the {observed} ({interval.n} seeds run)"

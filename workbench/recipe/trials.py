@@ -223,22 +223,16 @@ def run_trial(trial: Trial, run_point: Callable[[str, int, dict], Mapping[str, A
     if not callable(run_point):
         raise ValueError(f"run_point={run_point!r} is not valid; allowed: a callable (arm, seed, setting) -> dict")
     points = trial.points()
-    bar = tqdm(total=len(points), desc=trial.claim[:40], disable=not progress, leave=False)
-    try:
+    rows = []
+    with tqdm(total=len(points), desc=trial.claim[:40], disable=not progress, leave=False) as bar:
         if executor is None:
-            outcomes = []
-            for p in points:
-                outcomes.append(run_point(p.arm, p.seed, dict(p.setting)))
-                bar.update()
+            outcomes = (run_point(p.arm, p.seed, dict(p.setting)) for p in points)
         else:
             futures = [executor.submit(run_point, p.arm, p.seed, dict(p.setting)) for p in points]
-            outcomes = []
-            for future in futures:
-                outcomes.append(future.result())
-                bar.update()
-    finally:
-        bar.close()
-    rows = [_row(p, m, trial.metric) for p, m in zip(points, outcomes)]
+            outcomes = (future.result() for future in futures)
+        for point, metrics in zip(points, outcomes):
+            rows.append(_row(point, metrics, trial.metric))  # a bad return stops the trial at once
+            bar.update()
     return TrialResult(trial=trial, rows=rows, verdicts=verdicts_from_rows(trial, rows))
 
 

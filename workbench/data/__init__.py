@@ -3,6 +3,8 @@
 
 ``get_dataset(name, split, root=None, **options)`` is the one entry point notebooks use;
 ``DATASET_INFO`` describes every name (task, classes, splits, options) without loading anything.
+Your own data: ``register_dataset(name, factory)``, or a folder path in place of a name
+(:mod:`workbench.data.registry`, layouts in :mod:`workbench.data.folder_scan`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,20 @@ from .cityscapes import (
 )
 from .digits import DIGITS_CLASSES, DIGITS_SPLITS, DigitsDataset, digit_split
 from .fashion import FASHION_CLASSES, FASHION_MEAN, FASHION_SPLITS, FASHION_STD, FashionMNISTDataset
+from .folder_scan import FOLDER_SPLIT_SEED, FOLDER_TEST_FRACTION, FolderScan, describe_scan, scan_folder
+from .folders import ImageFolderDataset, MaskFolderDataset
 from .loader import make_loader
 from .paths import DATA_ENV_VAR, default_data_root, resolve_root
+from .registry import (
+    DatasetRef,
+    accepted_options,
+    check_dataset,
+    describe_dataset,
+    open_external,
+    register_dataset,
+    registered_datasets,
+    unregister_dataset,
+)
 from .scenes import (
     FASHION_SCENE_CLASSES,
     SCENE_CLASSES,
@@ -178,8 +192,8 @@ DATASET_INFO: dict[str, DatasetInfo] = {
 
 
 def list_datasets() -> list[str]:
-    """Names accepted by ``get_dataset``."""
-    return list(DATASET_INFO)
+    """Names accepted by ``get_dataset`` (built-in, then registered; folder paths are accepted too)."""
+    return [*DATASET_INFO, *registered_datasets()]
 
 
 def get_dataset(name: str, split: str, root: str | os.PathLike[str] | None = None, **options: Any) -> Dataset:
@@ -190,8 +204,12 @@ def get_dataset(name: str, split: str, root: str | os.PathLike[str] | None = Non
     ``num_classes``, ``classes``, ``in_channels``, ``ignore_index``, ``mean`` and ``std``;
     classification datasets also have ``targets`` (int64 tensor). Unknown names, splits or options
     raise ``ValueError`` listing what is allowed, before anything is loaded.
+
+    ``name`` may also be a name given to :func:`register_dataset` or a folder path (see
+    :mod:`workbench.data.registry`); a folder is validated before any image is loaded.
     """
-    check_choice("name", name, DATASET_INFO)
+    if not isinstance(name, str) or name not in DATASET_INFO:
+        return open_external(name, split, **options)
     info = DATASET_INFO[name]
     check_choice("split", split, info.splits)
     unknown = sorted(set(options) - set(info.options))
@@ -211,6 +229,20 @@ __all__ = [
     "DATA_ENV_VAR",
     "DIGITS_CLASSES",
     "DatasetInfo",
+    "DatasetRef",
+    "FOLDER_SPLIT_SEED",
+    "FOLDER_TEST_FRACTION",
+    "FolderScan",
+    "ImageFolderDataset",
+    "MaskFolderDataset",
+    "accepted_options",
+    "check_dataset",
+    "describe_dataset",
+    "describe_scan",
+    "register_dataset",
+    "registered_datasets",
+    "scan_folder",
+    "unregister_dataset",
     "DigitScenesDataset",
     "DigitsDataset",
     "FASHION_CLASSES",

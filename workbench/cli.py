@@ -1,4 +1,4 @@
-"""Command line: ``workbench run | sweep | lab | train | bench``."""
+"""Command line: ``workbench run | sweep | lab | train | bench | data``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,14 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return train_cli.main(rest)
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from workbench.data import describe_scan, scan_folder
+
+    scan = scan_folder(args.path)
+    print(describe_scan(scan))
+    return 0 if scan.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a config, in one process or under torchrun", add_help=False)
     p.set_defaults(func=_cmd_train, takes_rest=True)
+
+    p = sub.add_parser("data", help="your own data: check what the workbench sees in a folder")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="report classes, counts per split, image sizes, channels and what is "
+                                          "refused (exit code 1 when something is)")
+    p.add_argument("path", help="a dataset folder (classification in ImageFolder layout, or images/ + masks/ "
+                                "with dataset.yaml)")
+    p.set_defaults(func=_cmd_data_check)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,9 @@ class Param:
 
     ``type`` is one of bool/int/float/str/list; an int is accepted where a float is declared.
     ``choices`` restricts to a set of values; ``min``/``max`` bound numbers (inclusive) and, for
-    lists, every element; ``item_type`` types list elements.
+    lists, every element; ``item_type`` types list elements. ``validator(name, value)`` runs last
+    for checks no type or range expresses (a dataset folder's contents); it returns the value to
+    use (a folder path made absolute) or raises ``ValueError``.
     """
 
     type: type
@@ -28,6 +30,7 @@ class Param:
     item_type: type | None = None
     help: str = ""
     nullable: bool = False
+    validator: Callable[[str, Any], Any] | None = None
 
     def describe(self) -> str:
         parts = [_TYPE_NAMES.get(self.type, self.type.__name__)]
@@ -56,6 +59,8 @@ class Param:
             self._check_bounds(name, value)
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"parameter {name}={value!r} is not allowed; allowed: {self.describe()}")
+        if self.validator is not None:
+            value = self.validator(name, value)
         return value
 
     def _check_bounds(self, name: str, value: Any) -> None:

@@ -326,11 +326,13 @@ def _check_nested(cfg: TrainConfig) -> None:
 
 
 def _check(cfg: TrainConfig) -> None:
-    from workbench.data import list_datasets
+    from workbench.data import check_dataset
     from workbench.device import AMP_CHOICES
 
-    if cfg.dataset not in list_datasets():
-        raise ValueError(f"dataset={cfg.dataset!r}; allowed: {list_datasets()}")
+    try:  # a built-in or registered name, or a folder (scanned here, before any process starts)
+        cfg.dataset = check_dataset(cfg.dataset)
+    except ValueError as exc:
+        raise ValueError(f"dataset: {exc}") from None
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"schedule={cfg.schedule!r}; allowed: {SCHEDULES}")
     if cfg.amp not in AMP_CHOICES:
@@ -351,7 +353,6 @@ def check_setup(cfg: TrainConfig, world_size: int) -> None:
     batch divisibility, micro-batch sizes against the per-rank batch, estimator choice, layer names,
     CAGM sites and attention sites. Run before torchrun launches and again in every worker before
     the process group starts."""
-    from workbench.data import DATASET_INFO
     from workbench.models import build_model
     from workbench.noise import batch_stat_noise, select_layers
     from workbench.probes import AttentionMonitor
@@ -388,7 +389,7 @@ def check_setup(cfg: TrainConfig, world_size: int) -> None:
             raise _named(key, exc) from None
     if cfg.noise is None and cfg.sparsity is None and not cfg.probes:
         return
-    model = build_model(cfg.model, num_classes=DATASET_INFO[cfg.dataset].num_classes, norm=cfg.norm,
+    model = build_model(cfg.model, num_classes=dataset_num_classes(cfg), norm=cfg.norm,
                         attention=cfg.attention, width=cfg.width)
     if cfg.noise is not None:
         n = cfg.noise
@@ -484,6 +485,30 @@ def setup_distributed(cfg: TrainConfig, info: DistInfo) -> torch.device:
 # Training
 
 
+def dataset_num_classes(cfg: TrainConfig) -> int:
+    """Classes of ``cfg.dataset``: known without loading for built-in and folder datasets; a registered
+    dataset's train split is built to read it."""
+    from workbench.data import describe_dataset, get_dataset
+
+    known = describe_dataset(cfg.dataset).num_classes
+    return known if known is not None else get_dataset(cfg.dataset, "train", root=cfg.data_root).num_classes
+
+
+def _augment_option(cfg: TrainConfig) -> dict[str, Any]:
+    from workbench.data import accepted_options
+
+    return accepted_options(cfg.dataset, augment=cfg.augment)
+
+
+def _test_split(dataset: str) -> str:
+    """The split evaluated during training: ``val`` where a dataset has one (Cityscapes' test labels
+    are withheld), else ``test``."""
+    from workbench.data import describe_dataset
+
+    splits = describe_dataset(dataset).splits
+    return "val" if "val" in splits else "test"
+
+
 def build_training(cfg: TrainConfig, info: DistInfo, device: torch.device):
     """Model (converted and wrapped as the run needs), loaders, optimiser, scheduler, and the noise,
     sparsity and probe callbacks."""
@@ -496,10 +521,8 @@ def build_training(cfg: TrainConfig, info: DistInfo, device: torch.device):
     from workbench.train import default_optimizer
 
     seed_everything(cfg.seed)
-    options = {"augment": cfg.augment} if cfg.dataset in ("digits", "fashion-mnist", "cifar10", "cifar100") else {}
-    train_set = get_dataset(cfg.dataset, "train", root=cfg.data_root, **options)
-    test_split = "val" if cfg.dataset == "cityscapes" else "test"
-    test_set = get_dataset(cfg.dataset, test_split, root=cfg.data_root)
+    train_set = get_dataset(cfg.dataset, "train", root=cfg.data_root, **_augment_option(cfg))
+    test_set = get_dataset(cfg.dataset, _test_split(cfg.dataset), root=cfg.data_root)
     model = build_model(cfg.model, num_classes=train_set.num_classes, norm=cfg.norm, attention=cfg.attention,
                         width=cfg.width)
     model.to(device)  # before the sync conversion, which picks the synced layer by device

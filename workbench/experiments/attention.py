@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.data import get_dataset, make_loader
+from workbench.data import accepted_options, get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.experiments.dataset_choice import dataset_param
 from workbench.params import COMMON, Param, validate
 from workbench.probes.attention import AttentionRecorder, AttentionStats, collect_attention, resolve_sites
 from workbench.train import Callback, NonFiniteLossError, default_optimizer, evaluate, fit
@@ -32,6 +33,7 @@ ATTRIBUTION_METHODS = ("gradcam", "conductance")
 
 PARAMETERS = {
     **COMMON,
+    "dataset": dataset_param("classification"),
     "model": Param(str, choices=MODELS),
     "norm": Param(str, choices=NORMS),
     "attention": Param(str, choices=ATTENTIONS),
@@ -101,16 +103,23 @@ def limit_cpu_threads(threads: int | None, device: str | torch.device = "auto") 
         torch.set_num_threads(previous)
 
 
+def dataset_split(dataset: str, split: str, image_size: int | None, augment: bool = False) -> Any:
+    """``split`` of ``dataset`` at ``image_size`` where the dataset resizes (digits, folders)."""
+    return get_dataset(dataset, split, **accepted_options(dataset, size=image_size, augment=augment or None))
+
+
 def train_classifier(model: str = "resnet20", norm: str = "bn", attention: str = "none", *, skip: bool = True,
                      width: float = 0.5, epochs: int = 6, batch_size: int = 64, lr: float = 0.1,
                      image_size: int = 32, device: str | torch.device = "auto", seed: int = 0,
-                     callbacks: Sequence[Callback] = (), progress: bool = True, **_: Any) -> dict:
-    """Train a classifier on digits (SGD, one-cycle schedule); a run whose loss turns NaN/inf stops
-    there and is reported as diverged (its accuracy is still evaluated) instead of raising."""
+                     callbacks: Sequence[Callback] = (), progress: bool = True, dataset: str = "digits",
+                     **_: Any) -> dict:
+    """Train a classifier on ``dataset`` (digits by default; SGD, one-cycle schedule); a run whose loss
+    turns NaN/inf stops there and is reported as diverged (its accuracy is still evaluated) instead of
+    raising."""
     dev = resolve_device(device)
     seed_everything(seed)
-    train_set = get_dataset("digits", "train", augment=True, size=image_size)
-    test_set = get_dataset("digits", "test", size=image_size)
+    train_set = dataset_split(dataset, "train", image_size, augment=True)
+    test_set = dataset_split(dataset, "test", image_size)
     train_loader = make_loader(train_set, batch_size, train=True, seed=seed)
     test_loader = make_loader(test_set, 256, train=False)
     net = build(model, norm, attention, width, train_set.num_classes, skip=skip)
@@ -133,9 +142,10 @@ def train_classifier(model: str = "resnet20", norm: str = "bn", attention: str =
             "num_classes": train_set.num_classes}
 
 
-def eval_batch(num_samples: int, device: str | torch.device, image_size: int = 32) -> tuple[Tensor, Tensor]:
+def eval_batch(num_samples: int, device: str | torch.device, image_size: int = 32,
+               dataset: str = "digits") -> tuple[Tensor, Tensor]:
     """The first ``num_samples`` test images and labels (the split's fixed order), on ``device``."""
-    test_set = get_dataset("digits", "test", size=image_size)
+    test_set = dataset_split(dataset, "test", image_size)
     loader = make_loader(test_set, min(num_samples, len(test_set)), train=False)
     inputs, targets = next(iter(loader))
     dev = resolve_device(device)
@@ -147,9 +157,9 @@ def eval_batch(num_samples: int, device: str | torch.device, image_size: int = 3
 
 
 def attention_statistics(net: nn.Module, device: str | torch.device, num_samples: int, num_classes: int = 10,
-                         batch_size: int = 128, image_size: int = 32) -> AttentionStats:
+                         batch_size: int = 128, image_size: int = 32, dataset: str = "digits") -> AttentionStats:
     """Per-site attention statistics over the first ``num_samples`` test images (eval mode)."""
-    loader = make_loader(get_dataset("digits", "test", size=image_size), batch_size, train=False)
+    loader = make_loader(dataset_split(dataset, "test", image_size), batch_size, train=False)
     return collect_attention(net, loader, resolve_device(device), num_classes=num_classes,
                              max_samples=num_samples, keep=num_samples)
 
@@ -329,7 +339,7 @@ def run_attention_study(model: str = "resnet20", norm: str = "iebn", attention: 
                         device: str = "auto", seed: int = 0, num_samples: int = 256,
                         noise_levels: Sequence[float] = (0.0, 0.5, 1.0), noise_samples: int = 128,
                         captum_samples: int = 48, conductance_steps: int = 8, cpu_threads: int | None = None,
-                        progress: bool = True, **_: Any) -> dict:
+                        progress: bool = True, dataset: str = "digits", **_: Any) -> dict:
     """Train, then measure attention statistics, the shift under batch noise and the agreement with
     captum attributions. Returns plain data plus the trained model (``"model"``). ``cpu_threads``
     limits torch's CPU threads meanwhile (see :func:`limit_cpu_threads`)."""
@@ -337,21 +347,22 @@ def run_attention_study(model: str = "resnet20", norm: str = "iebn", attention: 
     with limit_cpu_threads(cpu_threads, device):
         started = time.perf_counter()
         run = train_classifier(model, norm, attention, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                               image_size=image_size, device=device, seed=seed, progress=progress)
+                               image_size=image_size, device=device, seed=seed, progress=progress, dataset=dataset)
         timings["train"] = time.perf_counter() - started
         net, dev = run["model"], resolve_device(device)
 
         t = time.perf_counter()
-        stats = attention_statistics(net, dev, num_samples, run["num_classes"], image_size=image_size)
+        stats = attention_statistics(net, dev, num_samples, run["num_classes"], image_size=image_size,
+                                     dataset=dataset)
         timings["statistics"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        noise_inputs, _ = eval_batch(noise_samples, dev, image_size)
+        noise_inputs, _ = eval_batch(noise_samples, dev, image_size, dataset)
         noise = attention_noise_shift(net, noise_inputs, noise_levels, kind="mean", seed=seed)
         timings["noise"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        inputs, targets = eval_batch(min(captum_samples, num_samples), dev, image_size)
+        inputs, targets = eval_batch(min(captum_samples, num_samples), dev, image_size, dataset)
         agreement = attribution_agreement(net, inputs, targets, n_steps=conductance_steps, progress=progress)
         timings["captum"] = time.perf_counter() - t
 

@@ -36,9 +36,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from workbench.data import get_dataset, make_loader
+from workbench.data import accepted_options, describe_dataset, get_dataset, make_loader
 from workbench.data.mixed import SHIFTS, MixedDataset, ShiftedDataset, SourceBatchSampler, per_source_accuracy
 from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.experiments.dataset_choice import dataset_param
 from workbench.experiments.quickstart import default_recipe
 from workbench.noise import NOISE_KINDS, batch_stat_noise
 from workbench.params import COMMON, Param, validate
@@ -52,14 +53,15 @@ from workbench.probes import (
 from workbench.train import Callback, NonFiniteLossError, evaluate, fit, make_optimizer
 
 NORMS = ("bn", "iebn", "none")
-DATASETS = ("digits", "cifar10", "cifar100")
 MODELS = ("resnet20", "resnet32", "resnet56", "resnet110")
 REFERENCE_LR_BATCH = 64
 
 PARAMETERS = {
     **COMMON,
-    "dataset": Param(str, choices=DATASETS, nullable=True, help="None: the preset's (digits / cifar100)"),
-    "image_size": Param(int, min=8, max=64, nullable=True, help="digits only: side of the upsampled images"),
+    "dataset": dataset_param("classification", nullable=True,
+                             help="None: the preset's (digits / cifar100); or a registered name or a folder path"),
+    "image_size": Param(int, min=8, max=64, nullable=True,
+                        help="digits and folder datasets: side of the resized images"),
     "model": Param(str, choices=MODELS, nullable=True),
     "width": Param(float, min=0.0625, max=8.0, nullable=True),
     "norms": Param(list, item_type=str, help="subset of 'bn', 'iebn', 'none'"),
@@ -137,12 +139,14 @@ def apply_cpu_threads(params: dict[str, Any]) -> int:
 
 
 def _options(dataset: str, image_size: int | None) -> dict[str, Any]:
-    return {"size": image_size} if dataset == "digits" and image_size is not None else {}
+    # image_size applies to the datasets that resize (digits, folders); CIFAR keeps its 32x32
+    return accepted_options(dataset, size=image_size)
 
 
 def _datasets(dataset: str, image_size: int | None = None) -> tuple[Any, Any]:
     options = _options(dataset, image_size)
-    return get_dataset(dataset, "train", augment=True, **options), get_dataset(dataset, "test", **options)
+    return (get_dataset(dataset, "train", **accepted_options(dataset, augment=True), **options),
+            get_dataset(dataset, "test", **options))
 
 
 def build(model: str, norm: str, num_classes: int, width: float) -> nn.Module:
@@ -307,10 +311,9 @@ def accuracy_at(summary: Sequence[dict], level: float, batch_size: int) -> dict[
 
 
 def mixed_sets(dataset: str, shift: str, image_size: int | None = None) -> tuple[MixedDataset, MixedDataset]:
-    options = _options(dataset, image_size)
-    train_base = get_dataset(dataset, "train", augment=True, **options)
-    test_base = get_dataset(dataset, "test", **options)
-    names = (dataset, f"{dataset}-{shift}")
+    train_base, test_base = _datasets(dataset, image_size)
+    label = describe_dataset(dataset).label  # a folder's name, not its whole path, in tables and legends
+    names = (label, f"{label}-{shift}")
     train = MixedDataset(train_base, ShiftedDataset(train_base, shift), label_mode="shared", names=names)
     test = MixedDataset(test_base, ShiftedDataset(test_base, shift), label_mode="shared", names=names)
     return train, test

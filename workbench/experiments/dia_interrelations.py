@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from workbench.device import resolve_device
 from workbench.experiments.attention import MODELS, build, eval_batch, limit_cpu_threads, train_classifier
+from workbench.experiments.dataset_choice import dataset_param
 from workbench.params import COMMON, Param, validate
 from workbench.probes.attention import AttentionRecorder, attention_sites
 from workbench.train import Callback, TrainState
@@ -36,6 +37,7 @@ STAB_ATTENTIONS = ("none", "se", "dia")
 
 PARAMETERS = {
     **COMMON,
+    "dataset": dataset_param("classification"),
     "model": Param(str, choices=MODELS),
     "norm": Param(str, choices=("bn", "iebn"), help="normalisation of the DIA/SE models of the ablation"),
     "layer": Param(str, nullable=True, help="stage shown in the detail views (e.g. 'layer2'); None: the middle one"),
@@ -272,7 +274,7 @@ def stabilisation_study(model: str = "resnet20", norm: str = "bn", width: float 
                         batch_size: int = 64, lr: float = 0.05, grad_every: int = 2, image_size: int = 32,
                         device: str = "auto", seed: int = 0, conditions: dict[str, dict] | None = None,
                         attentions: Sequence[str] = STAB_ATTENTIONS, cpu_threads: int | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, dataset: str = "digits") -> dict:
     """Train each condition (default: ``skip=False``; ``norm="none"``) without attention, with SE
     and with DIA, under one recipe. Returns per condition and attention: epoch history, per-step
     loss, gradient norm per stage, test accuracy, divergence message, parameters, wall time."""
@@ -289,7 +291,8 @@ def stabilisation_study(model: str = "resnet20", norm: str = "bn", width: float 
                 setting = {"norm": norm, "skip": True, **options}
                 run = train_classifier(model, setting["norm"], attention, skip=setting["skip"], width=width,
                                        epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-                                       device=device, seed=seed, callbacks=[grad], progress=progress)
+                                       device=device, seed=seed, callbacks=[grad], progress=progress,
+                                       dataset=dataset)
                 steps, norms = grad.series()
                 runs[cond][attention] = {
                     "history": run["history"], "test_acc": run["test_acc"], "diverged": run["diverged"],
@@ -307,7 +310,8 @@ def stabilisation_study(model: str = "resnet20", norm: str = "bn", width: float 
 
 def ablation(model: str = "resnet20", norm: str = "bn", width: float = 0.5, epochs: int = 5, batch_size: int = 64,
              lr: float = 0.1, image_size: int = 32, device: str = "auto", seed: int = 0, num_samples: int = 256,
-             cpu_threads: int | None = None, progress: bool = True, include_iebn: bool = True) -> dict:
+             cpu_threads: int | None = None, progress: bool = True, include_iebn: bool = True,
+             dataset: str = "digits") -> dict:
     """Train DIA and SE (and, with ``include_iebn``, IEBN without extra attention) models of the same
     backbone; per variant: accuracy, parameters, cross-block correlation structure; for DIA also
     the gates and states per block. Returns plain data and the trained models under ``"models"``."""
@@ -317,13 +321,13 @@ def ablation(model: str = "resnet20", norm: str = "bn", width: float = 0.5, epoc
     variants = {"DIA (shared LSTM)": (norm, "dia"), "SE (independent)": (norm, "se")}
     if include_iebn:
         variants["IEBN (independent)"] = ("iebn", "none")
-    inputs, _ = eval_batch(num_samples, dev, image_size)
+    inputs, _ = eval_batch(num_samples, dev, image_size, dataset)
     out: dict[str, Any] = {"variants": {}, "correlations": {}, "models": {}, "timings": {}}
     with limit_cpu_threads(cpu_threads, dev):
         for label, (v_norm, v_attention) in variants.items():
             started = time.perf_counter()
             run = train_classifier(model, v_norm, v_attention, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                                   image_size=image_size, device=dev, seed=seed, progress=progress)
+                                   image_size=image_size, device=dev, seed=seed, progress=progress, dataset=dataset)
             corr = stage_correlations(run["model"], inputs)
             out["correlations"][label] = corr
             # the same measurement on the untrained network: how much of the structure is built in
@@ -372,14 +376,14 @@ def run_ablation(params: dict[str, Any], progress: bool = True) -> dict:
     """:func:`ablation` with the notebook's resolved parameters."""
     keys = ("model", "norm", "width", "epochs", "batch_size", "lr", "image_size", "device", "seed", "num_samples",
             "cpu_threads")
-    return ablation(**{k: params[k] for k in keys}, progress=progress)
+    return ablation(**{k: params[k] for k in keys}, dataset=params.get("dataset", "digits"), progress=progress)
 
 
 def run_stabilisation(params: dict[str, Any], progress: bool = True) -> dict:
     """:func:`stabilisation_study` with the notebook's resolved parameters (its own epochs and lr)."""
     keys = ("model", "norm", "width", "batch_size", "grad_every", "image_size", "device", "seed", "cpu_threads")
     return stabilisation_study(**{k: params[k] for k in keys}, epochs=params["stab_epochs"], lr=params["stab_lr"],
-                               progress=progress)
+                               dataset=params.get("dataset", "digits"), progress=progress)
 
 
 def summary_lines(ablation_result: dict, stabilisation_result: dict) -> list[str]:

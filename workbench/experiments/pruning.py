@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.data import get_dataset, make_loader
+from workbench.data import accepted_options, get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
 from workbench.experiments.attention import limit_cpu_threads
+from workbench.experiments.dataset_choice import dataset_param
 from workbench.params import COMMON, Param, validate
 from workbench.pruning import (
     BNScaleRecorder,
@@ -58,6 +59,7 @@ THRESHOLDS = (1e-3, 1e-2, 1e-1)
 
 PARAMETERS = {
     **COMMON,
+    "dataset": dataset_param("segmentation"),
     "model": Param(str, choices=MODELS),
     "norm": Param(str, choices=NORMS),
     "ratio": Param(float, min=0.0, max=0.95, help="prune ratio shown in detail (and where the slider starts)"),
@@ -96,15 +98,28 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _loaders(batch_size: int, seed: int, train_scenes: int, test_scenes: int):
-    train_set = get_dataset("digit-scenes", "train", length=train_scenes)
-    test_set = get_dataset("digit-scenes", "test", length=test_scenes)
+def segmentation_split(dataset: str, split: str, scenes: int) -> Any:
+    """``split`` of ``dataset``; ``scenes`` sets the length of generated sets (digit-scenes), a folder
+    has the images it has."""
+    return get_dataset(dataset, split, **accepted_options(dataset, length=scenes))
+
+
+def _loaders(batch_size: int, seed: int, train_scenes: int, test_scenes: int, dataset: str = "digit-scenes"):
+    train_set = segmentation_split(dataset, "train", train_scenes)
+    test_set = segmentation_split(dataset, "test", test_scenes)
     return (make_loader(train_set, batch_size, train=True, seed=seed), make_loader(test_set, 64, train=False),
             train_set)
 
 
+def _ignore_index(dataset: Any) -> int:
+    """The label the losses and metrics skip: the dataset's (a folder's dataset.yaml), else 255."""
+    ignore = getattr(dataset, "ignore_index", None)
+    return 255 if ignore is None else int(ignore)
+
+
 def _segment_metrics(model: nn.Module, loader: Any, device: torch.device, num_classes: int) -> dict:
-    m = evaluate(model, loader, device, task="segmentation", num_classes=num_classes)
+    m = evaluate(model, loader, device, task="segmentation", num_classes=num_classes,
+                 ignore_index=_ignore_index(loader.dataset))
     return {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "per_class_iou": m["per_class_iou"]}
 
 
@@ -112,8 +127,9 @@ def train_run(regime: str, *, model: str = "pspnet_resnet18", norm: str = "bn", 
               epochs: int = 8, lam: float = 2e-3, batch_size: int = 16, lr: float = 3e-3, optimizer: str = "adamw",
               bn_init: float | None = 0.5, sparsity_mode: str = "proximal", device: Any = "auto", seed: int = 0,
               train_scenes: int = 512, test_scenes: int = 128, cpu_threads: int | None = None,
-              progress: bool = False, **_: Any) -> dict:
-    """Train ``model`` on digit-scenes with ``regime`` in ``plain | l1 | cags``; return plain data + the net."""
+              progress: bool = False, dataset: str = "digit-scenes", **_: Any) -> dict:
+    """Train ``model`` on ``dataset`` (digit-scenes by default; any segmentation dataset value) with
+    ``regime`` in ``plain | l1 | cags``; return plain data + the net."""
     if regime not in REGIMES:
         raise ValueError(f"regime={regime!r} is not valid; allowed: {REGIMES}")
     if model not in MODELS:
@@ -124,7 +140,7 @@ def train_run(regime: str, *, model: str = "pspnet_resnet18", norm: str = "bn", 
 
     dev = resolve_device(device)
     seed_everything(seed)
-    train_loader, test_loader, train_set = _loaders(batch_size, seed, train_scenes, test_scenes)
+    train_loader, test_loader, train_set = _loaders(batch_size, seed, train_scenes, test_scenes, dataset)
     num_classes = train_set.num_classes
     net = build_model(model, num_classes=num_classes, norm=norm, width=width)
     if bn_init is not None:
@@ -148,6 +164,7 @@ def train_run(regime: str, *, model: str = "pspnet_resnet18", norm: str = "bn", 
     with limit_cpu_threads(cpu_threads, dev):
         result = fit(net, train_loader, test_loader, epochs, optimizer=opt, scheduler=scheduler,
                      scheduler_interval="step", callbacks=callbacks, device=dev, task="segmentation",
+                     ignore_index=_ignore_index(train_set),
                      num_classes=num_classes, progress=progress)
         metrics = _segment_metrics(net, test_loader, dev, num_classes)
     scales = bn_scales(net)
@@ -175,7 +192,8 @@ def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequenc
                 finetune_epochs: int = 3, lr: float = 3e-3, optimizer: str = "adamw", batch_size: int = 16,
                 device: Any = "auto",
                 seed: int = 0, train_scenes: int = 512, test_scenes: int = 128, cpu_threads: int | None = None,
-                latency_batch: int = 8, progress: bool = False, keep_models: bool = False, **_: Any) -> list[dict]:
+                latency_batch: int = 8, progress: bool = False, keep_models: bool = False,
+                dataset: str = "digit-scenes", **_: Any) -> list[dict]:
     """Prune each method's source run at every ratio, evaluate, fine-tune, evaluate again.
 
     Returns tidy rows ``{method, source, ratio, params_*, flops_*, latency_ms_*, miou_unpruned,
@@ -188,7 +206,7 @@ def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequenc
         if not 0 <= r < 1:
             raise ValueError(f"ratios contains {r!r}; allowed: numbers in [0, 1)")
     dev = resolve_device(device)
-    train_loader, test_loader, train_set = _loaders(batch_size, seed, train_scenes, test_scenes)
+    train_loader, test_loader, train_set = _loaders(batch_size, seed, train_scenes, test_scenes, dataset)
     num_classes = train_set.num_classes
     example = next(iter(test_loader))[0][:1].to(dev)
     latency_inputs = next(iter(test_loader))[0][:latency_batch].to(dev)
@@ -212,6 +230,7 @@ def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequenc
                     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
                     fit(pruned, train_loader, None, finetune_epochs, optimizer=opt, scheduler=scheduler,
                         scheduler_interval="step", device=dev, task="segmentation", num_classes=num_classes,
+                        ignore_index=_ignore_index(train_set),
                         progress=progress)
                     tuned = _segment_metrics(pruned, test_loader, dev, num_classes)
                 d = report.to_dict()
@@ -239,10 +258,10 @@ def _is_norm_name(model: nn.Module, name: str) -> bool:
 
 @torch.no_grad()
 def sample_predictions(models: dict[str, nn.Module], num_samples: int = 4, device: Any = "auto",
-                       test_scenes: int = 128) -> dict:
+                       test_scenes: int = 128, dataset: str = "digit-scenes") -> dict:
     """Images, true masks and each model's predicted masks on the first ``num_samples`` test scenes."""
     dev = resolve_device(device)
-    test_set = get_dataset("digit-scenes", "test", length=test_scenes)
+    test_set = segmentation_split(dataset, "test", test_scenes)
     images, targets = next(iter(make_loader(test_set, num_samples, train=False)))
     out = {"images": _display(images, test_set).tolist(), "targets": targets.tolist(), "predictions": {}}
     for name, model in models.items():

@@ -1,4 +1,5 @@
-"""Notebook 00_quickstart: train a small CIFAR-style ResNet on the embedded digits and evaluate it."""
+"""Notebook 00_quickstart: train a small CIFAR-style ResNet on the embedded digits (or any classification
+dataset: a registered name or a folder) and evaluate it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 
 import torch
 
-from workbench.data import get_dataset, make_loader
+from workbench.data import accepted_options, get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.experiments.dataset_choice import dataset_param
 from workbench.params import COMMON, Param, validate
 from workbench.train import OPTIMIZERS, evaluate, fit, make_optimizer
 
@@ -17,6 +19,7 @@ ATTENTIONS = ("none", "se", "dia")
 
 PARAMETERS = {
     **COMMON,
+    "dataset": dataset_param("classification"),
     "model": Param(str, choices=("resnet20", "resnet32", "resnet56", "resnet110")),
     "norm": Param(str, choices=NORMS),
     "attention": Param(str, choices=ATTENTIONS),
@@ -74,8 +77,9 @@ def fill_recipe(norm: str, optimizer: str | None, lr: float | None,
 def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "none", width: float = 1.0,
                    epochs: int = 15, batch_size: int = 64, lr: float | None = None, device: str = "auto",
                    seed: int = 0, optimizer: str | None = None, grad_clip: float | None = None,
-                   progress: bool = True, **_: Any) -> dict:
-    """Train ``model`` on digits with a one-cycle schedule; return history, test metrics, confusion.
+                   progress: bool = True, dataset: str = "digits", **_: Any) -> dict:
+    """Train ``model`` on ``dataset`` (digits by default; any classification dataset value) with a
+    one-cycle schedule; return history, test metrics, confusion.
     ``optimizer``, ``lr`` and ``grad_clip`` left at ``None`` follow :func:`default_recipe` for ``norm``
     (``grad_clip=0`` turns clipping off)."""
     optimizer, lr, grad_clip = fill_recipe(norm, optimizer, lr, grad_clip)
@@ -83,7 +87,8 @@ def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "
 
     dev = resolve_device(device)
     seed_everything(seed)
-    train_set, test_set = get_dataset("digits", "train", augment=True), get_dataset("digits", "test")
+    train_set = get_dataset(dataset, "train", **accepted_options(dataset, augment=True))
+    test_set = get_dataset(dataset, "test")
     train_loader = make_loader(train_set, batch_size, train=True, seed=seed)
     test_loader = make_loader(test_set, 256, train=False)
     net = build_model(model, num_classes=train_set.num_classes, norm=norm, attention=attention, width=width)

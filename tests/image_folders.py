@@ -1,4 +1,4 @@
-"""Small folders of PNGs in the two layouts the workbench reads, for the folder-dataset tests.
+"""Small folders of PNGs in the two layouts the workbench reads, and broken ones, for the folder-dataset tests.
 
 Classification: three classes whose images differ in brightness (so a network can learn them),
 grayscale and RGB images of different sizes mixed in every class. Segmentation: RGB images with
@@ -64,3 +64,54 @@ def write_segmentation(root: Path, n: int = 10, size: tuple[int, int] = (40, 48)
         Image.fromarray(image, "RGB").save(root / "images" / f"scene{i}.png")
         Image.fromarray(mask, "L").save(root / "masks" / f"scene{i}.png")
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: each builder returns (root, the regex of the message that refuses it)
+
+
+def _empty_class(tmp_path):
+    root = write_classification(tmp_path / "data")
+    for f in (root / "train" / "mid").iterdir():
+        f.unlink()
+    return root, f"{root}/train/mid: class folder is empty; expected at least one image of class 'mid'"
+
+
+def _mask_size(tmp_path):
+    root = write_segmentation(tmp_path / "data")
+    Image.fromarray(np.zeros((10, 12), dtype=np.uint8), "L").save(root / "masks" / "scene3.png")
+    return root, f"{root}/masks/scene3.png: mask is 12x10 but its image scene3.png is 48x40; expected the same size"
+
+
+def _mask_value(tmp_path):
+    root = write_segmentation(tmp_path / "data")
+    mask = np.zeros((40, 48), dtype=np.uint8)
+    mask[5, 5] = 7
+    Image.fromarray(mask, "L").save(root / "masks" / "scene4.png")
+    return root, (f"{root}/masks/scene4.png: value 7 is above the classes 0..2 and is not the ignore_index 255; "
+                  "expected class indices or 255")
+
+
+def _text_file(tmp_path):
+    root = write_classification(tmp_path / "data")
+    (root / "train" / "dark" / "notes.txt").write_text("not an image")
+    return root, f"{root}/train/dark/notes.txt: not an image file \\(extension '.txt'\\); expected one of .jpg"
+
+
+def _corrupt_png(tmp_path):
+    root = write_classification(tmp_path / "data")
+    (root / "train" / "dark" / "broken.png").write_bytes(b"\x89PNG but not really")
+    return root, f"{root}/train/dark/broken.png: cannot be read as an image \\(.*\\); expected a readable .png file"
+
+
+def _test_class_missing_in_train(tmp_path):
+    root = write_classification(tmp_path / "data")
+    (root / "test" / "extra").mkdir()
+    Image.new("L", (16, 16)).save(root / "test" / "extra" / "a.png")
+    return root, (f"{root}/test/extra: class 'extra' is in the test split but not in {root}/train; expected test "
+                  "classes among the train classes \\(bright, dark, mid\\)")
+
+
+BAD_INPUTS = {"empty class folder": _empty_class, "mask size differs": _mask_size,
+              "mask value above the classes": _mask_value, "unreadable file type": _text_file,
+              "corrupt image": _corrupt_png, "test class not in train": _test_class_missing_in_train}

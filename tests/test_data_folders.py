@@ -3,10 +3,9 @@ input refused with a short message naming the path and what was expected."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from image_folders import CLASSES, write_classification, write_segmentation
+from image_folders import BAD_INPUTS, CLASSES, write_classification, write_segmentation
 from PIL import Image
 
 from workbench.data import (
@@ -115,53 +114,6 @@ def test_check_dataset_names_builtins_and_folders(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Bad input: each refused before any image is loaded, naming the path and what was expected
-
-
-def _empty_class(tmp_path):
-    root = write_classification(tmp_path / "data")
-    for f in (root / "train" / "mid").iterdir():
-        f.unlink()
-    return root, f"{root}/train/mid: class folder is empty; expected at least one image of class 'mid'"
-
-
-def _mask_size(tmp_path):
-    root = write_segmentation(tmp_path / "data")
-    Image.fromarray(np.zeros((10, 12), dtype=np.uint8), "L").save(root / "masks" / "scene3.png")
-    return root, f"{root}/masks/scene3.png: mask is 12x10 but its image scene3.png is 48x40; expected the same size"
-
-
-def _mask_value(tmp_path):
-    root = write_segmentation(tmp_path / "data")
-    mask = np.zeros((40, 48), dtype=np.uint8)
-    mask[5, 5] = 7
-    Image.fromarray(mask, "L").save(root / "masks" / "scene4.png")
-    return root, (f"{root}/masks/scene4.png: value 7 is above the classes 0..2 and is not the ignore_index 255; "
-                  "expected class indices or 255")
-
-
-def _text_file(tmp_path):
-    root = write_classification(tmp_path / "data")
-    (root / "train" / "dark" / "notes.txt").write_text("not an image")
-    return root, f"{root}/train/dark/notes.txt: not an image file \\(extension '.txt'\\); expected one of .jpg"
-
-
-def _corrupt_png(tmp_path):
-    root = write_classification(tmp_path / "data")
-    (root / "train" / "dark" / "broken.png").write_bytes(b"\x89PNG but not really")
-    return root, f"{root}/train/dark/broken.png: cannot be read as an image \\(.*\\); expected a readable .png file"
-
-
-def _test_class_missing_in_train(tmp_path):
-    root = write_classification(tmp_path / "data")
-    (root / "test" / "extra").mkdir()
-    Image.new("L", (16, 16)).save(root / "test" / "extra" / "a.png")
-    return root, (f"{root}/test/extra: class 'extra' is in the test split but not in {root}/train; expected test "
-                  "classes among the train classes \\(bright, dark, mid\\)")
-
-
-BAD_INPUTS = {"empty class folder": _empty_class, "mask size differs": _mask_size,
-              "mask value above the classes": _mask_value, "unreadable file type": _text_file,
-              "corrupt image": _corrupt_png, "test class not in train": _test_class_missing_in_train}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

@@ -231,7 +231,8 @@ def describe_scan(scan: FolderScan) -> str:
                          + ", ".join(f"{v}: {n}" for v, n in sorted(scan.mask_values.items())))
     for split, counts in scan.counts().items():
         detail = ", ".join(f"{k} {n}" for k, n in counts.items()) if scan.task == "classification" else ""
-        lines.append(f"{split}: {sum(counts.values())} images" + (f" ({detail})" if detail else ""))
+        n = sum(counts.values())
+        lines.append(f"{split}: {n} image{'s' * (n != 1)}" + (f" ({detail})" if detail else ""))
     if scan.sizes:
         (w, h), n = scan.sizes.most_common(1)[0]
         widths, heights = [s[0] for s in scan.sizes], [s[1] for s in scan.sizes]

@@ -130,8 +130,10 @@ def _unknown(value: Any) -> ValueError:
     from . import DATASET_INFO
 
     names = [*DATASET_INFO, *_REGISTRY]
+    hint = (f"; a folder {value!r} exists here: write ./{value}"
+            if isinstance(value, str) and value and Path(value).is_dir() else "")
     return ValueError(f"name={value!r} is not valid; allowed: {', '.join(map(repr, names))}, a name given to "
-                      "register_dataset, or a folder path (holding '/', e.g. ./my-images)")
+                      f"register_dataset, or a folder path (holding '/', e.g. ./my-images){hint}")
 
 
 def describe_dataset(value: Any) -> DatasetRef:

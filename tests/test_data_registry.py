@@ -54,6 +54,16 @@ def test_registered_name_works_like_a_builtin(blobs):
         get_dataset("blobs", "val")
 
 
+def test_a_notebook_trains_on_a_registered_dataset(blobs):
+    from workbench.experiments import quickstart
+
+    params = quickstart.resolve({"preset": "quick", "device": "cpu", "seed": 0, "dataset": "blobs", "epochs": 1,
+                                 "width": 0.25, "batch_size": 4})
+    result = quickstart.run_quickstart(**params, progress=False)
+    assert result["classes"] == ["0", "1"] and len(result["history"]) == 1
+    assert sum(map(sum, result["confusion"])) == 8  # the factory's default test split: 8 items
+
+
 def test_unregistered_name_is_gone(blobs):
     unregister_dataset("blobs")
     with pytest.raises(ValueError, match="name='blobs' is not valid"):

@@ -11,7 +11,7 @@ from image_folders import BAD_INPUTS, write_classification, write_segmentation
 from workbench import cli
 from workbench.params import validate
 from workbench.runner import list_notebooks, load_spec
-from workbench.sweep import check_grid, point_id
+from workbench.sweep import check_grid, normalise_grid, point_id
 
 EXPERIMENTS = {
     "00_quickstart": ("workbench.experiments.quickstart", "classification"),
@@ -97,7 +97,7 @@ def test_data_check_reports_what_it_sees(folders, capsys):
     assert "mask values (masks holding each): 0: 10, 1: 5, 2: 5, 255: 10" in text
 
 
-def test_sweep_passes_the_dataset_like_any_parameter(folders, tmp_path):
+def test_sweep_passes_the_dataset_like_any_parameter(folders, tmp_path, monkeypatch):
     notebook = next(p for p in list_notebooks() if p.stem == "00_quickstart")
     empty = write_classification(tmp_path / "broken")
     for f in (empty / "train" / "dark").iterdir():
@@ -106,6 +106,10 @@ def test_sweep_passes_the_dataset_like_any_parameter(folders, tmp_path):
     assert len(points) == 3
     assert list(refused) == [point_id({"dataset": str(empty)})]
     assert "class folder is empty" in refused[point_id({"dataset": str(empty)})]
+    # points run in the notebook's folder: a relative folder is passed on as its absolute path
+    monkeypatch.chdir(folders["classification"].parent)
+    assert normalise_grid(notebook, {"dataset": ["./shapes", "digits"]}) == {
+        "dataset": [str(folders["classification"]), "digits"]}
 
 
 def test_train_cli_trains_on_a_folder(folders, tmp_path):
@@ -118,3 +122,15 @@ def test_train_cli_trains_on_a_folder(folders, tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert history["config"]["dataset"] == str(folders["classification"])
     assert history["step_log"] and history["history"]
+
+
+def test_batch_noise_diagnostics_on_a_folder_smaller_than_the_reference_batch(folders):
+    from workbench.experiments import batch_noise
+
+    params = batch_noise.resolve({"preset": "quick", "device": "cpu", "seed": 0, "norms": ["bn"],
+                                  "dataset": str(folders["classification"]), "levels": [0.0], "batch_sizes": [8]})
+    model = batch_noise.build("resnet20", "bn", 3, 0.25)
+    diagnostics = batch_noise.run_diagnostics(params, {("bn", 0.0): model})
+    # 18 training images: the coupling gap uses the micro-batch sizes that split them at least in two
+    assert diagnostics["coupling"]["bn"]["micro_sizes"] == [2, 4, 8]
+    assert set(diagnostics["estimation"]["bn"]["batch_sizes"]) == {2, 4, 8, 16}

@@ -95,6 +95,22 @@ def check_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> tuple[list[
     return points, refused
 
 
+def normalise_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> dict[str, list]:
+    """Each value as its parameter's check returns it: a dataset folder becomes its absolute path,
+    since every point's kernel runs in the notebook's folder. Values a check refuses (and names the
+    notebook lacks) are kept as given, for :func:`check_grid` to report."""
+    spec = load_spec(notebook).spec
+    out = {}
+    for name, values in grid.items():
+        out[name] = []
+        for value in values:
+            try:
+                out[name].append(spec[name].check(name, value) if name in spec else value)
+            except ValueError:
+                out[name].append(value)
+    return out
+
+
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -146,7 +162,7 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
     if not isinstance(timeout, int) or timeout <= 0:
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
     path = resolve_notebook(notebook)
-    grid = {k: list(v) for k, v in grid.items()}
+    grid = normalise_grid(path, {k: list(v) for k, v in grid.items()})
     points, refused = check_grid(path, grid)
     ray_backend = None
     if executor == "ray":

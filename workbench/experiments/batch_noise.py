@@ -431,7 +431,9 @@ def run_diagnostics(params: dict[str, Any], models: dict[tuple[str, float], nn.M
     x, y = reference_batch(train, max(params["batch_size"], 64), params["seed"], dev)
     out: dict[str, Any] = {"estimation": {}, "coupling": {}, "attention_injected": None, "attention_trained": None}
     sizes = [b for b in (2, 4, 8, 16, 32, 64, 128, 256) if b < len(train)]
-    micro = [b for b in (2, 4, 8, 16, 32) if b < x.shape[0]]
+    # at least two micro-batches of each size: a small dataset (a folder of a few dozen images) gives a
+    # reference batch smaller than 64
+    micro = [b for b in (2, 4, 8, 16, 32) if 2 * b <= x.shape[0]]
     for norm in params["norms"]:
         net = models.get((norm, 0.0))
         if net is None:

@@ -151,6 +151,7 @@ def scan_folder(root: str | Path) -> FolderScan:
     split_root = root / "train"
     base = split_root if split_root.is_dir() else root
     if (base / "images").is_dir() and (base / "masks").is_dir():
+        # imported here: that module builds on this one's helpers
         from .folder_segmentation_scan import scan_segmentation
 
         scan_segmentation(scan)

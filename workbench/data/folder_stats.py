@@ -22,6 +22,7 @@ _MIN_STD = 1e-3  # a constant channel would divide by zero; it is left centred, 
 
 
 def stats_key(task: str, size: tuple[int, int], channels: int, split_seed: int, fingerprint: str) -> str:
+    """The cache entry's name: everything the statistics depend on."""
     return f"{task}|size={size[0]}x{size[1]}|channels={channels}|split_seed={split_seed}|files={fingerprint}"
 
 

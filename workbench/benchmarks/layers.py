@@ -3,14 +3,18 @@ stage against the plain one, at CIFAR shapes; eager and under ``torch.compile``.
 
 Every number is a ratio to a baseline measured in the same run, in the same mode (eager against
 eager, compiled against compiled), interleaved round by round so that load from other processes
-hits both sides alike. The IEBN targets (CPU, every shape): eager <= 1.45x BN, compiled
-<= 1.3x compiled BN.
+hits both sides alike. The IEBN targets (every shape) on CPU: eager <= 1.45x BN, compiled <= 1.3x
+compiled BN; on CUDA, for the fused Triton operator: eager <= 1.10x, compiled <= 1.05x. On CUDA
+each shape has two IEBN rows against the same BatchNorm2d: the fused operator
+(``WORKBENCH_FUSED=1``) and the PyTorch ops it replaces (``WORKBENCH_FUSED=0``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +33,9 @@ ALL_SHAPES = tuple(itertools.product((16, 64, 256), (32, 16, 8)))
 BLOCK_STAGES = ((64, 16, 32), (128, 32, 16), (256, 64, 8))
 BLOCK_VARIANTS = (("bn", "none"), ("iebn", "none"), ("bn", "se"), ("bn", "dia"))
 TARGETS = {"eager": 1.45, "compile": 1.30}
+CUDA_TARGETS = {"eager": 1.10, "compile": 1.05}
+# (label, WORKBENCH_FUSED value) of the IEBN rows per device type; None: leave the switch alone.
+IEBN_VARIANTS = {"cuda": (("IEBN2d fused", "1"), ("IEBN2d unfused", "0"))}
 MODES = ("eager", "compile")
 
 
@@ -81,22 +88,58 @@ def _fresh_compiler(mode: str) -> None:
         torch._dynamo.reset()
 
 
+@contextlib.contextmanager
+def _fused_switch(value: str | None):
+    """``WORKBENCH_FUSED=value`` inside the block (unchanged for ``None``), restored after."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get("WORKBENCH_FUSED")
+    os.environ["WORKBENCH_FUSED"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WORKBENCH_FUSED", None)
+        else:
+            os.environ["WORKBENCH_FUSED"] = before
+
+
+def _norm_target(device: torch.device, mode: str, fused: str | None) -> float | None:
+    if device.type == "cpu":
+        return TARGETS[mode]
+    if device.type == "cuda" and fused == "1":
+        return CUDA_TARGETS[mode]
+    return None  # reported, not judged
+
+
 def bench_norm(device: torch.device, mode: str, channels: int, size: int, batch: int = BATCH,
-               repeats: int = 15) -> dict:
+               repeats: int = 15, channels_last: bool = False) -> list[dict]:
+    """IEBN2d against nn.BatchNorm2d at one shape: one row per IEBN variant of the device (on CUDA
+    the fused operator and the unfused PyTorch ops), each compared with its own interleaved BN runs."""
     from workbench.nn import IEBN2d
 
-    _fresh_compiler(mode)
     torch.manual_seed(0)
-    x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
+    x = torch.randn(batch, channels, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     grad = torch.randn_like(x)
-    bn = _maybe_compile(nn.BatchNorm2d(channels).to(device), mode)
-    iebn = _maybe_compile(IEBN2d(channels).to(device), mode)
-    result = compare(_train_step(bn, x, grad), _train_step(iebn, x, grad), device, repeats=repeats)
-    row = {"section": "norm", "mode": mode, "shape": f"{batch}x{channels}x{size}x{size}",
-           "baseline": "BatchNorm2d", "candidate": "IEBN2d", **result}
-    if device.type == "cpu":  # the targets are CPU figures; other devices are reported, not judged
-        row.update(target=TARGETS[mode], within_target=result["ratio"] <= TARGETS[mode])
-    return row
+    shape = f"{batch}x{channels}x{size}x{size}" + (" cl" if channels_last else "")
+    rows = []
+    for label, fused in IEBN_VARIANTS.get(device.type, (("IEBN2d", None),)):
+        with _fused_switch(fused):
+            _fresh_compiler(mode)
+            bn = _maybe_compile(nn.BatchNorm2d(channels).to(device), mode)
+            iebn = _maybe_compile(IEBN2d(channels).to(device), mode)
+            result = compare(_train_step(bn, x, grad), _train_step(iebn, x, grad), device, repeats=repeats)
+        row = {"section": "norm", "mode": mode, "shape": shape, "baseline": "BatchNorm2d", "candidate": label,
+               **result}
+        target = _norm_target(device, mode, fused)
+        if target is not None:
+            row.update(target=target, within_target=result["ratio"] <= target)
+        rows.append(row)
+    return rows
 
 
 def _stage(inplanes: int, planes: int, norm: str, attention: str, blocks: int) -> nn.Module:
@@ -131,8 +174,10 @@ def bench_blocks(device: torch.device, mode: str, inplanes: int, planes: int, si
 def run_layer_bench(device: str | torch.device = "auto", compile_modes: Sequence[str] = MODES,
                     shapes: Iterable[tuple[int, int]] = ALL_SHAPES,
                     block_stages: Iterable[tuple[int, int, int]] = BLOCK_STAGES, repeats: int = 15,
-                    batch: int = BATCH, log: Callable[[str], None] | None = print) -> list[dict]:
-    """All measurements as rows (dicts); see the module docstring."""
+                    batch: int = BATCH, log: Callable[[str], None] | None = print,
+                    channels_last: bool = False) -> list[dict]:
+    """All measurements as rows (dicts); see the module docstring. ``channels_last`` lays out the
+    norm-layer inputs so."""
     device = resolve_device(device)
     bad = [m for m in compile_modes if m not in MODES]
     if bad or not compile_modes:
@@ -141,9 +186,10 @@ def run_layer_bench(device: str | torch.device = "auto", compile_modes: Sequence
     rows = []
     for mode in compile_modes:
         for channels, size in shapes:
-            rows.append(bench_norm(device, mode, channels, size, batch, repeats))
-            if log:
-                log(format_row(rows[-1]))
+            for row in bench_norm(device, mode, channels, size, batch, repeats, channels_last):
+                rows.append(row)
+                if log:
+                    log(format_row(row))
         for inplanes, planes, size in block_stages:
             for row in bench_blocks(device, mode, inplanes, planes, size, batch, repeats=max(3, repeats // 3)):
                 rows.append(row)
@@ -154,7 +200,7 @@ def run_layer_bench(device: str | torch.device = "auto", compile_modes: Sequence
 
 def format_row(row: dict) -> str:
     verdict = "" if "within_target" not in row else (" ok" if row["within_target"] else " OVER TARGET")
-    return (f"{row['mode']:7s} {row['shape']:16s} {row['candidate']:32s} {row['ratio']:.2f}x "
+    return (f"{row['mode']:7s} {row['shape']:19s} {row['candidate']:32s} {row['ratio']:.2f}x "
             f"({row['candidate_ms']:.2f} vs {row['baseline_ms']:.2f} ms){verdict}")
 
 
@@ -181,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size N (CIFAR training: 128)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--channels-last", action="store_true", help="norm-layer inputs in channels_last layout")
     parser.add_argument("--output", help="write layers-<device>.json and .md into this folder")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -200,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         repeats = args.repeats
     header = (f"IEBN2d vs BatchNorm2d and attention stages vs plain, forward+backward, {describe_device(device)}, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+              + (", norm inputs channels_last" if args.channels_last else ""))
     print(header, flush=True)
     rows = run_layer_bench(device, modes, shapes if "norm" in sections else (),
                            BLOCK_STAGES if "blocks" in sections else (), repeats=repeats, batch=args.batch,
-                           log=lambda line: print(line, flush=True))
+                           log=lambda line: print(line, flush=True), channels_last=args.channels_last)
     table = markdown(rows, header)
     print("\n" + table, flush=True)
     if args.output:
@@ -216,6 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     elif judged:
         print("IEBN2d within target at every shape", flush=True)
     elif any(r["section"] == "norm" for r in rows):
-        print(f"IEBN2d: no target on {device.type} (the targets, eager <= {TARGETS['eager']}x and compiled <= "
-              f"{TARGETS['compile']}x BatchNorm2d, are CPU figures)", flush=True)
+        print(f"IEBN2d: no target on {device.type} (targets exist for CPU and for the fused operator on CUDA)",
+              flush=True)
     return 0

@@ -76,9 +76,14 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _fusable(x: Tensor) -> bool:
+    return x.device.type == "cuda" and x.dtype in FUSED_DTYPES
+
+
 def use_fused_cuda(x: Tensor) -> bool:
-    """Whether a training-mode IEBN forward on ``x`` takes the fused operator."""
-    if x.device.type != "cuda" or x.dtype not in FUSED_DTYPES or torch._C._are_functorch_transforms_active():
+    """Whether a training-mode IEBN forward on ``x`` takes the fused operator: a CUDA tensor of a
+    supported dtype, Triton installed, the switch on, no ``torch.func`` transform active."""
+    if not _fusable(x) or torch._C._are_functorch_transforms_active():
         return False
     mode = fused_mode()
     if mode == "off" or (mode == "eager" and torch.compiler.is_compiling()):

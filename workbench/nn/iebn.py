@@ -18,6 +18,7 @@ from workbench.nn.functional import (
     update_running_stats,
     use_composite,
 )
+from workbench.nn.fused_cuda import iebn_train_cuda, use_fused_cuda
 from workbench.nn.probe import AttentionProbe
 
 StatTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -41,7 +42,9 @@ class IEBN2d(nn.BatchNorm2d):
 
     The layer is one reduction pass and one scale-and-shift pass over the activation, in forward
     and in backward (see ``workbench.nn.functional``), and has no graph breaks under
-    ``torch.compile(fullgraph=True)``.
+    ``torch.compile(fullgraph=True)``. In training mode on CUDA (float32, bfloat16 or float16) both
+    run as Triton kernels behind one ``torch.library`` operator (:mod:`workbench.nn.fused_cuda`;
+    ``WORKBENCH_FUSED=0`` turns them off).
 
     Hook points (plain attributes, not in ``state_dict``):
 
@@ -127,6 +130,24 @@ class IEBN2d(nn.BatchNorm2d):
             return x_hat * scale
         return torch.addcmul(self.bias.to(x.dtype)[:, None, None], x_hat, scale)
 
+    def _forward_fused_cuda(self, x: Tensor, update_running: bool) -> Tensor:
+        """Unhooked training step through the fused CUDA operator, then ``nn.BatchNorm2d``'s
+        running-statistics update (one fused lerp of both buffers)."""
+        y, mean, unbiased_var = iebn_train_cuda(x, self.weight, self.bias, self.attn_weight, self.attn_bias,
+                                                self.eps)
+        if update_running:
+            factor = running_average_factor(self)
+            stats = [mean, unbiased_var]
+            if self.running_mean.dtype != torch.float32:
+                stats = [t.to(self.running_mean.dtype) for t in stats]
+            if isinstance(factor, Tensor):  # momentum=None: cumulative average, a tensor factor
+                with torch.no_grad():
+                    self.running_mean.lerp_(stats[0], factor)
+                    self.running_var.lerp_(stats[1], factor)
+            else:
+                torch._foreach_lerp_([self.running_mean, self.running_var], stats, factor)
+        return y
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         x = input
@@ -137,6 +158,8 @@ class IEBN2d(nn.BatchNorm2d):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{tuple(x.shape)}")
         if use_batch_stats and not self._observed():
+            if use_fused_cuda(x):
+                return self._forward_fused_cuda(x, update_running)
             if _use_device_batch_norm(x):
                 return self._forward_device_batch_norm(x, update_running)
             # Nobody hooks the gate or the statistics: moments, gate and normalisation in one node.

@@ -91,7 +91,8 @@ def _plane_stats(pmean_ptr, pm2_ptr, offs, mask, NC, HW, chunk, split):
 
 @triton.jit(do_not_specialize=_SIZES)
 def _forward_stats(pmean_ptr, pm2_ptr, weight_ptr, bias_ptr, aw_ptr, ab_ptr, mean_ptr, var_ptr, rstd_ptr,
-                   unbiased_var_ptr, gap_ptr, gate_ptr, scale_ptr, shift_ptr, N, C, HW, chunk, split, eps, unbias,
+                   unbiased_var_ptr, gap_ptr, gate_ptr, scale_ptr, shift_ptr, N, C, HW, chunk, split, eps,
+                   inv_count, unbias,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -113,7 +114,7 @@ def _forward_stats(pmean_ptr, pm2_ptr, weight_ptr, bias_ptr, aw_ptr, ab_ptr, mea
                                             chunk, split)
         d = tl.where(mask, plane_mean - mean[None, :], 0.0)
         m2 += tl.sum(plane_m2 + d * d * HW, axis=0)
-    var = m2 / (N * HW)
+    var = m2 * inv_count
     rstd = 1.0 / tl.sqrt(var + eps)
     gamma_rstd = rstd
     if HAS_WEIGHT:
@@ -350,7 +351,7 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, attn_weight: 
     _forward_stats[(triton.cdiv(c, block_c),)](
         partial[0], partial[1], weight if weight is not None else attn_weight,
         bias if bias is not None else attn_bias, attn_weight, attn_bias, mean, var, rstd, unbiased_var,
-        gap, gate, scale, shift, n, c, hw, plan.chunk, plan.split, eps, count / max(count - 1, 1),
+        gap, gate, scale, shift, n, c, hw, plan.chunk, plan.split, eps, 1.0 / count, count / max(count - 1, 1),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_C=block_c)
     y = torch.empty_like(x)
     _plane_affine[plan.grid(n)](x, y, scale, shift, c, hw, plan.chunk, plan.num_cb, *_strides(x),

@@ -27,3 +27,26 @@ def test_bench_training_compile_rows_against_compiled_bn_and_eager(monkeypatch, 
     out = capsys.readouterr().out
     assert "| iebn | none | off | False | True | 6.0 | 6.0 | 1.20x | 5.00x |" in out  # vs compiled BN; vs eager IEBN
     assert "| bn | none | off | False | True | 5.0 | 5.0 | 1.00x | 2.00x |" in out
+
+
+def test_bench_training_variants_subset_and_refusal(monkeypatch, capsys):
+    seen = []
+
+    def fake(model, norm, attention, device, batch_size, steps, amp="off", channels_last=False, width=1.0,
+             warmup=5, compile=False):
+        seen.append((norm, attention))
+        return {"model": model, "norm": norm, "attention": attention, "amp": amp, "channels_last": channels_last,
+                "compile": compile, "step_ms": 2.0 if norm == "iebn" else 1.0, "epoch_s": 1.0}
+
+    monkeypatch.setattr(bench, "time_training", fake)
+    assert bench.main(["--device", "cpu", "--variants", "bn/none,iebn/none"]) == 0
+    assert seen == [("bn", "none"), ("iebn", "none")]
+    assert "| iebn | none | off | False | False | 2.0 | 1.0 | 2.00x |" in capsys.readouterr().out
+    for bad in ("iebn/none", "bn/none,gn/none", "bn/none,bn/none"):
+        try:
+            bench.main(["--device", "cpu", "--variants", bad])
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"--variants {bad} was accepted")
+    assert "--variants='iebn/none' is not valid; allowed: distinct pairs among bn/none" in capsys.readouterr().err

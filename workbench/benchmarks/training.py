@@ -66,6 +66,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _parse_variants(parser: argparse.ArgumentParser, text: str) -> list[tuple[str, str]]:
+    """``"bn/none,iebn/none"`` as pairs; refused unless each is one of VARIANTS and bn/none comes first."""
+    allowed = ", ".join(f"{n}/{a}" for n, a in VARIANTS)
+    pairs = [tuple(v.strip().split("/", 1)) for v in text.split(",") if v.strip()]
+    if not pairs or pairs[0] != VARIANTS[0] or any(p not in VARIANTS for p in pairs) or len(set(pairs)) < len(pairs):
+        parser.error(f"--variants={text!r} is not valid; allowed: distinct pairs among {allowed}, bn/none first")
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench bench training", description=__doc__)
     parser.add_argument("--device", default="auto")
@@ -76,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="resnet20, few steps (CPU smoke run)")
     parser.add_argument("--compile", action="store_true",
                         help="also time every variant through torch.compile (fp32; compiling takes minutes)")
+    parser.add_argument("--variants", default=",".join(f"{n}/{a}" for n, a in VARIANTS),
+                        help="comma-separated norm/attention pairs, bn/none first (the baseline); "
+                             "default: all of them")
     parser.add_argument("--output", help="write JSON and markdown tables to this folder")
     args = parser.parse_args(argv)
+    variants = _parse_variants(parser, args.variants)
     device = resolve_device(args.device)
     model, steps = ("resnet20", 3) if args.quick else (args.model, args.steps)
     cuda = device.type == "cuda"
@@ -87,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     eager: dict[tuple, float] = {}
     for amp, cl, compiled in settings:
         base = None
-        for norm, attention in VARIANTS:
+        for norm, attention in variants:
             r = time_training(model, norm, attention, device, args.batch_size, steps, amp=amp, channels_last=cl,
                               width=args.width, warmup=2 if args.quick else 5, compile=compiled)
             base = base or r["step_ms"]

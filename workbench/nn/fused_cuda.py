@@ -19,14 +19,18 @@ The backward has the same shape: sweep 1 reads ``dy`` and ``x`` for ``sum dy`` a
 gradients and per-plane coefficients; sweep 2 writes ``dx = dy * s + (x - mean) * B[c] + A[n, c]``.
 
 What is fused: the GAP, the batch statistics, the gate, the normalisation and the affine
-transform: three kernel launches forward and three backward, against ~20 launches for the cuDNN
-batch norm plus separate gate ops. The operator is functional (autograd formulas can only be
-registered on those), so the running statistics are updated by the layer. Memory traffic: forward reads ``x``
-twice and writes ``y`` once, backward reads ``dy`` and ``x`` twice and writes ``dx`` once, which is
-what ``nn.BatchNorm2d``'s own two-pass kernels move. The gate's sums are a by-product of BN's
-reduction, so the expected cost is about 1.0x ``nn.BatchNorm2d``, not less: nothing IEBN adds
-saves any of BN's traffic, and on small activations both are bound by launch and dispatch
-overhead, where the six launches plus one custom-operator dispatch per direction set the floor.
+transform, in three kernel launches forward and three backward (the unfused CUDA path, cuDNN's
+batch norm plus the gate as separate ops, takes ~20). The operator is functional (autograd
+formulas can only be registered on functional operators), so the layer updates the running
+statistics itself.
+
+Why about 1.0x ``nn.BatchNorm2d`` is the limit: the forward reads ``x`` twice and writes ``y``
+once, the backward reads ``dy`` and ``x`` twice and writes ``dx`` once, which is exactly what BN's
+own two-pass training kernels move; the gate's sums are a by-product of BN's reduction and its
+per-plane arithmetic is ``O(N * C)``, so IEBN can match BN's memory traffic but not undercut it.
+At small activations both are bound by launch and dispatch overhead instead, where the six
+launches plus one operator dispatch per direction set the floor. Under ``torch.compile`` the
+operator is one opaque node: inductor cannot fuse a following ReLU into it as it does for BN.
 
 Inputs: float32, bfloat16 or float16 (accumulated in float32; ``y``/``dx`` in the input's dtype,
 parameter gradients in the parameters' dtype), contiguous or channels_last (the kernels address

@@ -44,7 +44,8 @@ class IEBN2d(nn.BatchNorm2d):
     and in backward (see ``workbench.nn.functional``), and has no graph breaks under
     ``torch.compile(fullgraph=True)``. In training mode on CUDA (float32, bfloat16 or float16) both
     run as Triton kernels behind one ``torch.library`` operator (:mod:`workbench.nn.fused_cuda`;
-    ``WORKBENCH_FUSED=0`` turns them off).
+    ``WORKBENCH_FUSED=0`` turns them off), unless a hook point below needs the gate or the
+    statistics as tensors.
 
     Hook points (plain attributes, not in ``state_dict``):
 

@@ -327,7 +327,12 @@ def target_programs(device: torch.device) -> int:
     """About four programs per multiprocessor; a few on a CPU (Triton's interpreter)."""
     if device.type != "cuda":
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_programs(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, attn_weight: Tensor, attn_bias: Tensor,

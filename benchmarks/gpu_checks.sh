@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of the workbench in one run on a CUDA machine, under ten minutes:
 #   DEADLINE=500 bash benchmarks/gpu_checks.sh
-# On a machine without network access (the lent H100 image: Python 3.12, torch 2.11, Triton 3.6),
-# put the wheels it lacks (torch-pruning, captum, plotly; Python 3.12 manylinux x86_64) in .whl/,
-# which the script installs first; give the whole run a 600 s timeout.
+# For a machine without network access (tested on an H100 with Python 3.12, torch 2.11, Triton
+# 3.6), put the wheels it lacks (torch-pruning, captum, plotly; Python 3.12 manylinux x86_64) in
+# .whl/, which the script installs first; give the whole run a 600 s timeout.
 #
-# Results land in benchmarks/gpu-<date>-<card>/ (one folder per step: JSON + markdown, plus the
-# log of the run, gpu-checks.log) and, when $OUT is set, packed as $OUT/gpu-results.tgz; unpack it into the checkout
-# with `tar xzf gpu-results.tgz -C benchmarks`. Each step has its own time limit and none runs past
-# DEADLINE seconds from the start, so one slow step cannot starve the rest; the most important run
-# first (the fused IEBN kernels' speed and correctness, then the training step, compiled layers,
-# pruning with CUDA graphs, probes).
+# Results land in benchmarks/gpu-<date>-<card>/ (one folder per step: JSON + markdown, plus the log
+# of the run, gpu-checks.log) and, when $OUT is set, are packed as $OUT/gpu-results.tgz; unpack it
+# into a checkout with `tar xzf gpu-results.tgz -C benchmarks`. Each step has its own time limit and
+# none runs past DEADLINE seconds from the start, so one slow step cannot starve the rest; the most
+# important run first (the fused IEBN kernels' speed and correctness, then the training step,
+# compiled layers, pruning with CUDA graphs, probes).
 set -u
 DEADLINE=${DEADLINE:-500}
 cd "$(dirname "$0")/.."

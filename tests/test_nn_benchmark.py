@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -68,3 +69,25 @@ def test_write_results_writes_both_files_and_keeps_an_earlier_one_on_failure(tmp
         write_results(tmp_path, "demo-cpu", [{"ratio": object()}], "| b |")
     assert json.loads((tmp_path / "demo-cpu.json").read_text()) == [{"ratio": 1.5}], "earlier result intact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-cpu.json", "demo-cpu.md"]
+
+
+def test_norm_rows_per_fused_variant_with_the_switch_restored(monkeypatch):
+    """On CUDA each shape has a fused and an unfused IEBN row, each built and timed under its own
+    WORKBENCH_FUSED value (here on CPU, where the switch changes nothing but the rows)."""
+    seen = []
+    original = layers.compare
+
+    def spy(baseline, candidate, device, **kwargs):
+        seen.append(os.environ.get("WORKBENCH_FUSED"))
+        return original(baseline, candidate, device, **kwargs)
+
+    monkeypatch.setattr(layers, "compare", spy)
+    monkeypatch.setitem(layers.IEBN_VARIANTS, "cpu", (("IEBN2d fused", "1"), ("IEBN2d unfused", "0")))
+    monkeypatch.setenv("WORKBENCH_FUSED", "eager")
+    rows = layers.bench_norm(torch.device("cpu"), "eager", 4, 4, batch=2, repeats=1, channels_last=True)
+    assert [r["candidate"] for r in rows] == ["IEBN2d fused", "IEBN2d unfused"] and seen == ["1", "0"]
+    assert all(r["shape"] == "2x4x4x4 cl" for r in rows)
+    assert os.environ["WORKBENCH_FUSED"] == "eager"
+    cuda = torch.device("cuda")
+    assert layers._norm_target(cuda, "eager", "1") == 1.10 and layers._norm_target(cuda, "compile", "1") == 1.05
+    assert layers._norm_target(cuda, "eager", "0") is None

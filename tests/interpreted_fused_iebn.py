@@ -239,3 +239,25 @@ def test_operator_registration_passes_opcheck():
     grad = torch.randn_like(y)
     torch.library.opcheck(torch.ops.workbench.iebn_fused_backward.default,
                           (grad, x.detach(), params[0].detach(), params[2].detach(), channel_stats, plane_stats, True))
+
+
+def test_torch_func_transforms_keep_the_pytorch_ops(fused_on_cpu):
+    """vmap/grad (the micro-batch probes) cannot batch an opaque operator: eager and compiled they
+    take the composite formula, and the gradients match a loop over the micro-batches."""
+    m = _layer(3)
+    torch.func.replace_all_batch_norm_modules_(m)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(m, p, (x,)).square().sum()
+
+    per_micro = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    x = _input((4, 2, 3, 5, 5))
+    torch._dynamo.reset()
+    for fn in (per_micro, torch.compile(per_micro, backend="aot_eager", fullgraph=True)):
+        grads = fn(params, x)
+        for k in range(x.shape[0]):
+            expected = torch.func.grad(loss)(params, x[k])
+            for name in params:
+                torch.testing.assert_close(grads[name][k], expected[name], rtol=1e-4, atol=1e-5)
+    assert fused_on_cpu == []

@@ -23,6 +23,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 
 @needs_triton
+@pytest.mark.slow  # a second Python process: ~40 s on one free core
 def test_kernels_under_triton_interpreter_match_formula_and_batchnorm():
     """``tests/interpreted_fused_iebn.py`` in a process where Triton interprets its kernels on CPU
     tensors (the choice is made when Triton is imported, so it cannot share this process)."""

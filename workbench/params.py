@@ -17,10 +17,12 @@ class Param:
     """One notebook parameter: its type and the values it may take.
 
     ``type`` is one of bool/int/float/str/list; an int is accepted where a float is declared.
-    ``choices`` restricts to a set of values; ``min``/``max`` bound numbers (inclusive) and, for
-    lists, every element; ``item_type`` types list elements. ``validator(name, value)`` runs last
-    for checks no type or range expresses (a dataset folder's contents); it returns the value to
-    use (a folder path made absolute) or raises ``ValueError``.
+    ``choices`` restricts to a set of values (for a list: every element); ``min``/``max`` bound
+    numbers (inclusive, or exclusive with ``min_open``/``max_open``) and, for lists, every element;
+    ``item_type`` types list elements. Every float must be finite. ``validator(name, value)`` runs
+    last for checks no type or range expresses (a dataset folder's contents); it returns the value
+    to use (a folder path made absolute) or raises ``ValueError``. ``help`` is what ``workbench
+    params`` and ``--help`` show.
     """
 
     type: type
@@ -31,17 +33,21 @@ class Param:
     help: str = ""
     nullable: bool = False
     validator: Callable[[str, Any], Any] | None = None
+    min_open: bool = False
+    max_open: bool = False
 
     def describe(self) -> str:
+        """The allowed values in words: ``float >= 0.0 < 1.0``, ``list of str, each one of 'bn', 'iebn'``."""
         parts = [_TYPE_NAMES.get(self.type, self.type.__name__)]
         if self.item_type is not None:
             parts[0] += f" of {_TYPE_NAMES.get(self.item_type, self.item_type.__name__)}"
         if self.choices is not None:
-            parts.append("one of " + ", ".join(repr(c) for c in self.choices))
+            each = "each " if self.type is list else ""
+            parts.append(f"{each}one of " + ", ".join(repr(c) for c in self.choices))
         if self.min is not None:
-            parts.append(f">= {self.min}")
+            parts.append(f"{'>' if self.min_open else '>='} {self.min}")
         if self.max is not None:
-            parts.append(f"<= {self.max}")
+            parts.append(f"{'<' if self.max_open else '<='} {self.max}")
         if self.nullable:
             parts.append("or None")
         return " ".join(parts)
@@ -55,20 +61,26 @@ class Param:
                 value = [_check_type(f"{name}[{i}]", v, self.item_type, self) for i, v in enumerate(value)]
             for i, v in enumerate(value):
                 self._check_bounds(f"{name}[{i}]", v)
+                self._check_choice(f"{name}[{i}]", v)
         else:
             self._check_bounds(name, value)
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"parameter {name}={value!r} is not allowed; allowed: {self.describe()}")
+            self._check_choice(name, value)
         if self.validator is not None:
             value = self.validator(name, value)
         return value
+
+    def _check_choice(self, name: str, value: Any) -> None:
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"parameter {name}={value!r} is not allowed; allowed: {self.describe()}")
 
     def _check_bounds(self, name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"parameter {name}={value!r} must be finite; allowed: {self.describe()}")
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+        below = self.min is not None and (value <= self.min if self.min_open else value < self.min)
+        above = self.max is not None and (value >= self.max if self.max_open else value > self.max)
+        if below or above:
             raise ValueError(f"parameter {name}={value!r} is out of range; allowed: {self.describe()}")
 
 
@@ -91,7 +103,7 @@ DEVICE_CHOICES_HELP = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 COMMON = {
     "preset": Param(str, choices=PRESETS, help="quick: minutes on 2 CPU cores; full: paper-sized runs"),
     "device": Param(str, help=DEVICE_CHOICES_HELP),
-    "seed": Param(int, min=0),
+    "seed": Param(int, min=0, help="seed of the weights, the batch order and the noise draws"),
 }
 
 

@@ -34,9 +34,9 @@ ATTRIBUTION_METHODS = ("gradcam", "conductance")
 PARAMETERS = {
     **COMMON,
     "dataset": dataset_param("classification"),
-    "model": Param(str, choices=MODELS),
-    "norm": Param(str, choices=NORMS),
-    "attention": Param(str, choices=ATTENTIONS),
+    "model": Param(str, choices=MODELS, help="CIFAR ResNet compared across the attention variants"),
+    "norm": Param(str, choices=NORMS, help="normalisation of every variant"),
+    "attention": Param(str, choices=ATTENTIONS, help="attention variant shown in the detail views"),
     "layer": Param(str, nullable=True, help="attention site shown in detail; None: a site in the middle"),
     "num_samples": Param(int, min=8, max=100_000, help="test samples behind the attention statistics"),
 }

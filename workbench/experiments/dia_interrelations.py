@@ -38,7 +38,7 @@ STAB_ATTENTIONS = ("none", "se", "dia")
 PARAMETERS = {
     **COMMON,
     "dataset": dataset_param("classification"),
-    "model": Param(str, choices=MODELS),
+    "model": Param(str, choices=MODELS, help="CIFAR ResNet with DIA-LSTM attention"),
     "norm": Param(str, choices=("bn", "iebn"), help="normalisation of the DIA/SE models of the ablation"),
     "layer": Param(str, nullable=True, help="stage shown in the detail views (e.g. 'layer2'); None: the middle one"),
     "num_samples": Param(int, min=8, max=100_000, help="test samples behind the correlations and gate curves"),

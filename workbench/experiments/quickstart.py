@@ -20,17 +20,17 @@ ATTENTIONS = ("none", "se", "dia")
 PARAMETERS = {
     **COMMON,
     "dataset": dataset_param("classification"),
-    "model": Param(str, choices=("resnet20", "resnet32", "resnet56", "resnet110")),
-    "norm": Param(str, choices=NORMS),
-    "attention": Param(str, choices=ATTENTIONS),
+    "model": Param(str, choices=("resnet20", "resnet32", "resnet56", "resnet110"), help="CIFAR ResNet depth"),
+    "norm": Param(str, choices=NORMS, help="normalisation layer"),
+    "attention": Param(str, choices=ATTENTIONS, help="channel attention in every block"),
     "epochs": Param(int, min=1, nullable=True, help="None: the preset's default"),
-    "batch_size": Param(int, min=2, max=4096),
+    "batch_size": Param(int, min=2, max=4096, help="training batch size"),
     "optimizer": Param(str, choices=OPTIMIZERS, nullable=True,
                        help="None: SGD with normalisation, AdamW without (see default_recipe)"),
     "lr": Param(float, min=1e-6, max=10.0, nullable=True, help="None: 0.1 for SGD, 0.002 for AdamW"),
     "grad_clip": Param(float, min=0.0, max=1e6, nullable=True,
                        help="max gradient norm; 0: off; None: 1.0 without normalisation, off with"),
-    "width": Param(float, min=0.0625, max=8.0),
+    "width": Param(float, min=0.0625, max=8.0, help="channel width multiplier"),
 }
 
 PRESET_EPOCHS = {"quick": 15, "full": 60}

@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -70,6 +71,7 @@ import torch
 from torch import nn
 
 from workbench.callbacks import Callback
+from workbench.params import DEVICE_CHOICES_HELP, Param
 from workbench.train import unwrap
 
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -124,19 +126,62 @@ class TrainConfig:
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 OFF = "off"  # a nested flag's value that removes the section (``--noise off``)
+NESTED_HELP = {
+    "noise": "batch-statistic noise attack, e.g. '{kind: mean, level: 0.5}' (kind: constant|mean|var|both|feature, "
+             "level >= 0 required, schedule: constant|ramp, ramp_steps, layers, running_stats: clean|noisy, seed)",
+    "sparsity": "BN-scale sparsity, e.g. '{method: cags, strength: 1.0e-5}' (method: l1|cags required, strength, "
+                "mode: subgradient|proximal, warmup_steps, layers, sites, other_bns: l1|none)",
+    "probes": "read-only probes, e.g. '{gsnr: {every: 100}}' (gradient_noise_scale, gsnr, coupling_gap, "
+              "bn_estimation_noise, attention; false drops one)",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def config_parameters() -> dict[str, Param]:
+    """The spec of every config key but the nested sections: ``_check`` validates a config with it
+    and ``build_parser`` writes each flag's help (allowed values and default) from it."""
+    from workbench.data import list_datasets
+    from workbench.device import AMP_CHOICES
+    from workbench.models import list_models
+    from workbench.models.cifar_resnet import ATTENTIONS, NORMS
+
+    return {
+        "model": Param(str, choices=tuple(list_models()), help="network built by workbench.models.build_model"),
+        "dataset": Param(str, help=f"training data: a registered name ({', '.join(list_datasets())}) or a "
+                                   "dataset folder; the on-disk sets are read from --data-root"),
+        "data_root": Param(str, nullable=True, help="folder holding the dataset (None: data/ or $WORKBENCH_DATA)"),
+        "norm": Param(str, choices=NORMS, help="normalisation layer"),
+        "attention": Param(str, choices=ATTENTIONS, help="channel attention in every block (CIFAR ResNets)"),
+        "width": Param(float, min=0.0, min_open=True, max=64.0, help="channel width multiplier"),
+        "epochs": Param(int, min=1, help="passes over the training set"),
+        "batch_size": Param(int, min=1, help="global batch size, split evenly over the ranks; at most the "
+                                             "training set's size"),
+        "lr": Param(float, min=0.0, min_open=True, max=100.0, help="peak learning rate of the schedule"),
+        "momentum": Param(float, min=0.0, max=1.0, max_open=True, help="SGD momentum"),
+        "weight_decay": Param(float, min=0.0, max=1.0, help="SGD weight decay, on every parameter"),
+        "schedule": Param(str, choices=SCHEDULES, help="learning-rate schedule (onecycle and cosine per step, "
+                                                       "step at --milestones)"),
+        "milestones": Param(list, item_type=int, min=1, help="epochs at which the 'step' schedule multiplies "
+                                                             "the learning rate by --gamma"),
+        "gamma": Param(float, min=0.0, min_open=True, max=1.0, help="factor of each 'step' schedule milestone"),
+        "augment": Param(bool, help="random crops (and flips, where the data allows) of the training images"),
+        "amp": Param(str, choices=AMP_CHOICES, help="mixed precision (autocast); fp16/bf16 need CUDA"),
+        "channels_last": Param(bool, help="channels-last memory format"),
+        "compile": Param(bool, help="train the forward through torch.compile"),
+        "seed": Param(int, min=0, help="seed of the weights, the batch order and the noise draws"),
+        "device": Param(str, help=f"{DEVICE_CHOICES_HELP}; cuda without a CUDA device is refused"),
+        "output": Param(str, help="folder of checkpoints, history.json and the probe logs"),
+        "resume": Param(bool, help="continue from <output>/last.pt"),
+        "max_steps": Param(int, min=1, nullable=True, help="stop after this many optimiser steps (None: all epochs)"),
+        "sync_bn": Param(bool, help="under DDP, synchronise the BN family's batch statistics over the ranks"),
+        "progress": Param(bool, help="progress bars"),
+    }
 
 
 def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults < YAML file < command-line flags; any unknown key (nested ones too) is an error
     listing the allowed, and every value is checked (see the module docstring)."""
-    values: dict[str, Any] = {}
-    if path:
-        import yaml
-
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path} must be a mapping of keys to values")
-        values.update(loaded)
+    values: dict[str, Any] = dict(read_config_file(path)) if path else {}
     unknown = sorted(set(values) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
@@ -155,6 +200,34 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig(**values)
     _check(cfg)
     return cfg
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The mapping a YAML config file holds; a missing, unreadable, binary or malformed file is a
+    ``ValueError`` naming the file (and the line, for a YAML error)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist; pass the path of a YAML file to --config")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text file (not UTF-8); --config takes a YAML file") from None
+    except OSError as exc:
+        raise ValueError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must be a mapping of keys to values, got {type(loaded).__name__}")
+    return loaded
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -326,26 +399,38 @@ def _check_nested(cfg: TrainConfig) -> None:
 
 
 def _check(cfg: TrainConfig) -> None:
+    """The dataset (a name or a folder), then every key against ``config_parameters()`` (types,
+    choices, finite numbers in range), the device against this machine, then the nested sections."""
     from workbench.data import check_dataset
-    from workbench.device import AMP_CHOICES
+    from workbench.device import resolve_device
 
     try:  # a built-in or registered name, or a folder (scanned here, before any process starts)
         cfg.dataset = check_dataset(cfg.dataset)
     except ValueError as exc:
         raise ValueError(f"dataset: {exc}") from None
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule={cfg.schedule!r}; allowed: {SCHEDULES}")
-    if cfg.amp not in AMP_CHOICES:
-        raise ValueError(f"amp={cfg.amp!r}; allowed: {AMP_CHOICES}")
     for f in dataclasses.fields(TrainConfig):
         if f.type in ("bool", bool) and not isinstance(getattr(cfg, f.name), bool):
             raise ValueError(f"{f.name}={getattr(cfg, f.name)!r} is not valid; allowed: true, false")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)!r} must be >= 1")
-    if cfg.lr <= 0:
-        raise ValueError(f"lr={cfg.lr!r} must be > 0")
+    for name, param in config_parameters().items():
+        value = getattr(cfg, name)
+        if param.type is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        setattr(cfg, name, param.check(name, value))
+    try:
+        resolve_device(cfg.device)
+    except RuntimeError as exc:  # an accelerator that is not there
+        raise ValueError(str(exc)) from None
     _check_nested(cfg)
+
+
+def check_batch_size(cfg: TrainConfig, train_size: int) -> None:
+    """A batch larger than the training set would silently train on one short batch per epoch."""
+    if cfg.batch_size > train_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {train_size} training samples of "
+                         f"{cfg.dataset!r}; allowed: 1..{train_size}")
 
 
 def check_setup(cfg: TrainConfig, world_size: int) -> None:
@@ -522,6 +607,7 @@ def build_training(cfg: TrainConfig, info: DistInfo, device: torch.device):
 
     seed_everything(cfg.seed)
     train_set = get_dataset(cfg.dataset, "train", root=cfg.data_root, **_augment_option(cfg))
+    check_batch_size(cfg, len(train_set))
     test_set = get_dataset(cfg.dataset, _test_split(cfg.dataset), root=cfg.data_root)
     model = build_model(cfg.model, num_classes=train_set.num_classes, norm=cfg.norm, attention=cfg.attention,
                         width=cfg.width)
@@ -790,24 +876,35 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per config key, its help (allowed values, default) written from ``config_parameters()``."""
     parser = argparse.ArgumentParser(prog="workbench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of config keys")
-    parser.add_argument("--nproc-per-node", type=int, default=None,
+    parser.add_argument("--config", metavar="YAML", help="YAML file of config keys; flags override its values")
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                         help="launch N data-parallel processes with torchrun (gloo on CPU, NCCL on GPU)")
+    spec = config_parameters()
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in NESTED:
             parser.add_argument(flag, dest=f.name, type=_flow_mapping, default=None, metavar="YAML",
-                                help=f"a YAML flow mapping merged into the {f.name} section, or {OFF!r}")
-        elif f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif "list" in str(f.type):
-            parser.add_argument(flag, dest=f.name, type=int, nargs="*", default=None)
+                                help=f"{NESTED_HELP[f.name]}; merged into the config's {f.name} section, "
+                                     f"{OFF!r} drops it (default: none)")
+            continue
+        param = spec[f.name]
+        text = f"{param.help} (default: {getattr(defaults, f.name)})"
+        if param.type is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        allowed = param.describe()
+        if allowed != param.type.__name__:  # a bare "str" says nothing the help does not
+            text = f"{param.help}; allowed: {allowed} (default: {getattr(defaults, f.name)})"
+        if param.type is list:
+            parser.add_argument(flag, dest=f.name, type=param.item_type, nargs="*", default=None, metavar="N",
+                                help=text)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), None)
-            kind = int if str(f.type).startswith("int") else kind
-            parser.add_argument(flag, dest=f.name, type=kind or str, default=None)
+            parser.add_argument(flag, dest=f.name, type=param.type, default=None, metavar=f.name.upper(),
+                                help=text.replace("%", "%%"))
     return parser
 
 

@@ -43,3 +43,16 @@ def test_parameters_cell_only_literals():
         literal_assignments("a = 1\nb = a * 2\n")
     with pytest.raises(ValueError, match="only `name = literal`"):
         literal_assignments("import os\n")
+
+
+def test_list_elements_checked_against_choices_and_open_bounds():
+    spec = {"norms": Param(list, item_type=str, choices=("bn", "iebn", "none")),
+            "momentum": Param(float, min=0.0, max=1.0, max_open=True), "lr": Param(float, min=0.0, min_open=True)}
+    assert validate({"norms": ["bn", "none"], "momentum": 0.0, "lr": 1e-9}, spec)["norms"] == ["bn", "none"]
+    with pytest.raises(ValueError, match=r"norms\[1\]='gn' is not allowed; allowed: list of str each one of 'bn'"):
+        validate({"norms": ["bn", "gn"]}, spec)
+    with pytest.raises(ValueError, match=r"momentum=1.0 is out of range; allowed: float >= 0.0 < 1.0"):
+        validate({"momentum": 1.0}, spec)
+    with pytest.raises(ValueError, match=r"lr=0.0 is out of range; allowed: float > 0.0"):
+        validate({"lr": 0.0}, spec)
+    assert math.isnan(parse_cli_value("nan")) and parse_cli_value("-inf") == -math.inf

@@ -45,3 +45,19 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w") as handle:
         handle.write(text)
     return Path(path)
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) and check that a file can be written in it, so that a
+    read-only destination is refused before any work starts. Raises ``ValueError`` naming the
+    folder that cannot be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        where = exc.filename or folder
+        raise ValueError(f"cannot write to {where}: {exc.strerror or exc}; make it writable or choose "
+                         "another folder (--output)") from None
+    return folder

@@ -125,7 +125,10 @@ def validate(values: Mapping[str, Any], spec: Mapping[str, Param], where: str = 
 
 def parse_cli_value(text: str) -> Any:
     """A command-line value as a Python literal when it is one (``0.1``, ``[1, 2]``, ``True``),
-    otherwise as the string itself (``resnet20``)."""
+    otherwise as the string itself (``resnet20``). ``nan`` and ``inf`` are floats, so that they are
+    refused as non-finite numbers rather than as strings."""
+    if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(text)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

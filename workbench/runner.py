@@ -8,6 +8,7 @@ import functools
 import html
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import nbformat
 
 from workbench import report
-from workbench.io import write_json_atomic, write_text_atomic
+from workbench.io import check_writable, write_json_atomic, write_text_atomic
 from workbench.params import COMMON, Param, literal_assignments, validate
 
 KERNEL_NAME = "workbench"
@@ -112,9 +113,25 @@ def plan_parameters(specs: Sequence[NotebookSpec], overrides: Mapping[str, Any])
     plan = {}
     for s in specs:
         mine = {k: v for k, v in overrides.items() if k in s.defaults}
-        validate({**s.defaults, **mine}, s.spec, where=s.name)
+        effective = validate({**s.defaults, **mine}, s.spec, where=s.name)
+        if "device" in effective:
+            check_device_available(effective["device"], where=s.name)
         plan[s.name] = validate(mine, s.spec, where=s.name)
     return plan
+
+
+def check_device_available(device: Any, where: str = "notebook") -> None:
+    """An accelerator asked for by name must be on this machine: refused here, before a kernel
+    starts, rather than inside the notebook after it."""
+    text = str(device).strip().lower()
+    if not (text.startswith("cuda") or text == "mps"):
+        return  # auto and cpu always resolve; the import of torch is not needed for them
+    from workbench.device import resolve_device
+
+    try:
+        resolve_device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,10 +201,62 @@ def _kernel_manager_option() -> dict:
     return {"kernel_manager_class": UnixSocketKernelManager}
 
 
+@functools.lru_cache(maxsize=1)
+def _progress_engine() -> str:
+    """A papermill engine (nbclient's) that reports each finished cell to a ``cell_progress(done,
+    total)`` callback passed to ``papermill.execute_notebook``: papermill's own bar is a fixed tqdm
+    bar with no line-per-update form for logs."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class ProgressEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, cell_progress=None, **kwargs):
+            if cell_progress is not None:
+                complete, done = nb_man.cell_complete, [0]
+
+                def cell_complete(cell, cell_index=None, **kw):
+                    complete(cell, cell_index=cell_index, **kw)
+                    done[0] += 1
+                    cell_progress(done[0], len(nb_man.nb.cells))
+
+                nb_man.cell_complete = cell_complete
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register("workbench-progress", ProgressEngine)
+    return "workbench-progress"
+
+
+class _CellProgress:
+    """``cell_progress`` callback: a :class:`workbench.progress.Progress` over the notebook's
+    cells, opened at the first finished cell (when papermill knows the count)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.bar = name, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from workbench.progress import Progress
+
+        if self.bar is None:
+            self.bar = Progress(total, self.name, "cell", min_interval=5.0, eta=False)
+        self.bar.update(done - self.bar.done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+INTERRUPTED = "interrupted"
+
+
 def execute_notebook(path: Path, out_dir: Path, parameters: Mapping[str, Any], *,
                      timeout: int = DEFAULT_CELL_TIMEOUT, kernel_name: str = KERNEL_NAME,
-                     log_output: bool = False, stem: str | None = None) -> NotebookResult:
-    """Execute one notebook with papermill into ``out_dir``; never raises for a notebook error."""
+                     log_output: bool = False, stem: str | None = None, progress: bool = False) -> NotebookResult:
+    """Execute one notebook with papermill into ``out_dir``; never raises for a notebook error.
+
+    Ctrl-C (``KeyboardInterrupt``) stops the kernel and returns a result with status
+    ``"interrupted"``: the caller records it and decides whether to stop. ``progress`` shows the
+    cells done and the elapsed time (:mod:`workbench.progress`).
+    """
     import papermill as pm
 
     stem = stem or path.stem
@@ -200,15 +269,28 @@ def execute_notebook(path: Path, out_dir: Path, parameters: Mapping[str, Any], *
     previous = os.environ.get(report.ENV_VAR)
     os.environ[report.ENV_VAR] = str(metrics_path)
     started = time.perf_counter()
+    cells = _CellProgress(stem) if progress else None
+    engine = {"engine_name": _progress_engine(), "cell_progress": cells} if cells else {}
     try:
         pm.execute_notebook(str(path), str(out_ipynb), parameters=dict(parameters), kernel_name=kernel_name,
                             cwd=str(path.parent), execution_timeout=timeout, progress_bar=False,
-                            log_output=log_output, report_mode=False, **_kernel_manager_option())
+                            log_output=log_output, report_mode=False, **engine, **_kernel_manager_option(),
+                            # the kernel's own log (not the cells' output) would print an ipykernel
+                            # traceback when Ctrl-C stops it mid-reply; kept where output is streamed
+                            extra_arguments=[] if log_output else ["--IPKernelApp.log_level=CRITICAL"])
         result.status = "done"
+    except KeyboardInterrupt:
+        # nbclient leaves asyncio tasks behind that, when collected, log the kernel's death as a
+        # traceback: noise after a deliberate stop
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        result.status = INTERRUPTED
+        result.error = "interrupted (Ctrl-C or SIGTERM) before the notebook finished"
     except Exception as exc:  # a failed notebook is recorded and the run goes on
         result.status = "failed"
         result.error = _error_text(exc)
     finally:
+        if cells is not None:
+            cells.close()
         result.duration = round(time.perf_counter() - started, 2)
         if previous is None:
             os.environ.pop(report.ENV_VAR, None)
@@ -217,7 +299,9 @@ def execute_notebook(path: Path, out_dir: Path, parameters: Mapping[str, Any], *
     if metrics_path.exists():
         result.metrics = json.loads(metrics_path.read_text())
         metrics_path.unlink()
-    if out_ipynb.exists():
+    if out_ipynb.exists() and result.status == INTERRUPTED:
+        result.output_html = None  # the partial notebook is kept; exporting it would delay the stop
+    elif out_ipynb.exists():
         try:
             export_html(out_ipynb, out_html)
         except Exception as exc:
@@ -252,14 +336,20 @@ def new_run_dir(root: Path) -> Path:
     return candidate
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run or a sweep after its results file recorded what finished and what was
+    interrupted; the message says where."""
+
+
 def run(notebooks: Sequence[str | os.PathLike] | None = None, parameters: Mapping[str, Any] | None = None,
         output: str | os.PathLike | None = None, timeout: int = DEFAULT_CELL_TIMEOUT,
-        log_output: bool = False, echo=print) -> dict:
+        log_output: bool = False, echo=print, progress: bool = False) -> dict:
     """Execute notebooks (all of ``notebooks/`` by default) into a new run folder.
 
     Everything is validated before the run folder is created: an invalid request leaves earlier
     reports untouched. ``results.json`` and ``index.html`` are rewritten after each notebook, so an
-    interrupted run keeps what finished.
+    interrupted run keeps what finished; Ctrl-C records the notebook it stopped with status
+    ``"interrupted"`` and raises :class:`RunInterrupted`. ``progress`` shows each notebook's cells.
     """
     paths = [resolve_notebook(n) for n in notebooks] if notebooks else list_notebooks()
     if not paths:
@@ -268,21 +358,26 @@ def run(notebooks: Sequence[str | os.PathLike] | None = None, parameters: Mappin
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
     specs = [load_spec(p) for p in paths]
     plan = plan_parameters(specs, parameters or {})
-    kernel = ensure_kernel()
     run_dir = Path(output) if output else new_run_dir(project_root() / "reports")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
+    kernel = ensure_kernel()
     created = _dt.datetime.now().isoformat(timespec="seconds")
     results: dict[str, Any] = {"run_id": run_dir.name, "created": created, "python": sys.executable,
                                "parameters": dict(parameters or {}), "notebooks": []}
     for spec in specs:
         echo(f"[workbench] executing {spec.name} {plan[spec.name] or ''}".rstrip())
         outcome = execute_notebook(spec.path, run_dir, plan[spec.name], timeout=timeout, kernel_name=kernel,
-                                   log_output=log_output)
+                                   log_output=log_output, progress=progress)
         echo(f"[workbench] {spec.name}: {outcome.status} in {outcome.duration:.0f} s"
              + (f" -- {outcome.error.splitlines()[0]}" if outcome.error else ""))
         results["notebooks"].append(outcome.to_dict())
+        if outcome.status == INTERRUPTED:
+            results["status"] = INTERRUPTED
         write_json_atomic(run_dir / "results.json", results)
         write_text_atomic(run_dir / "index.html", render_index(results))
+        if outcome.status == INTERRUPTED:
+            raise RunInterrupted(f"interrupted: {spec.name} is recorded as '{INTERRUPTED}' in "
+                                 f"{run_dir / 'results.json'}, with the notebooks that finished before it")
     results["status"] = "failed" if any(n["status"] != "done" for n in results["notebooks"]) else "done"
     write_json_atomic(run_dir / "results.json", results)
     write_text_atomic(run_dir / "index.html", render_index(results))

@@ -24,10 +24,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from workbench.io import write_json_atomic, write_text_atomic
+from workbench.io import check_writable, write_json_atomic, write_text_atomic
 from workbench.runner import (
     DEFAULT_CELL_TIMEOUT,
+    INTERRUPTED,
     NotebookResult,
+    RunInterrupted,
+    check_device_available,
     ensure_kernel,
     execute_notebook,
     load_spec,
@@ -64,9 +67,10 @@ def default_output(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> Path:
 def check_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> tuple[list[dict], dict[str, str]]:
     """Validate the grid against the notebook's parameters before anything runs.
 
-    Unknown names and values of the wrong type abort the whole sweep. A value of the right type
-    that its parameter refuses (out of range, not among the choices) makes only the points holding
-    it fail, with the reason; the others run.
+    Unknown names, values of the wrong type, numbers that are not finite and an accelerator this
+    machine lacks abort the whole sweep. A value of the right type that its parameter refuses (out
+    of range, not among the choices) makes only the points holding it fail, with the reason; the
+    others run.
     """
     if not grid:
         raise ValueError("a sweep needs at least one -p NAME V1 [V2 ...] axis")
@@ -82,8 +86,10 @@ def check_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> tuple[list[
             try:
                 spec.spec[name].check(name, value)
             except ValueError as exc:
-                if "has type" in str(exc):
+                if "has type" in str(exc) or "must be finite" in str(exc):
                     raise
+            if name == "device":  # a machine without the accelerator refuses the whole sweep
+                check_device_available(value, where=notebook.stem)
     points = expand_grid(grid)
     refused = {}
     for params in points:
@@ -151,8 +157,13 @@ def _refused_point(point_dir: Path, notebook: Path, params: dict, reason: str) -
 
 def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, output: str | None = None,
               timeout: int = DEFAULT_CELL_TIMEOUT, executor: str = "local", address: str | None = None,
-              gpus_per_point: float = 0.0, echo=print) -> dict:
-    """Execute every point of ``grid`` (resuming a previous run of the same sweep); return the summary."""
+              gpus_per_point: float = 0.0, echo=print, progress: bool = False) -> dict:
+    """Execute every point of ``grid`` (resuming a previous run of the same sweep); return the summary.
+
+    ``progress`` shows the points done, the elapsed time and an ETA (:mod:`workbench.progress`).
+    Ctrl-C or SIGTERM records the busy points as ``"interrupted"`` in ``results.json`` and raises
+    :class:`workbench.runner.RunInterrupted`; the same call resumes.
+    """
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs={jobs!r} must be an integer >= 1")
     if executor not in EXECUTORS:
@@ -169,9 +180,9 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
         from workbench import ray_executor
 
         ray_backend = ray_executor.connect(address)  # fails fast on a bad address, before any work
-    kernel = ensure_kernel()
     root = Path(output) if output else default_output(path, grid)
-    (root / "points").mkdir(parents=True, exist_ok=True)
+    check_writable(root / "points")
+    kernel = ensure_kernel()
     write_json_atomic(root / "sweep.json", {"notebook": str(path), "grid": grid})
 
     outcomes: dict[str, dict] = {}
@@ -194,26 +205,48 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
          f"{len(refused)} refused, {len(todo)} to run with {jobs} job(s)"
          + (f" of {threads} CPU thread(s)" if threads else "") + f" -> {root}")
 
-    def publish() -> dict:
+    def publish(interrupted: bool = False) -> dict:
         summary = _summary(path, grid, points, outcomes, root)
+        if interrupted:
+            summary["status"] = INTERRUPTED
         write_json_atomic(root / "results.json", summary)
         write_text_atomic(root / "index.html", render_sweep_index(summary))
         return summary
 
     publish()
     lock = threading.Lock()
+    bar = None
+    if progress and todo:
+        from workbench.progress import Progress
+
+        bar = Progress(len(todo), f"sweep {path.stem}", "point")
 
     def finished(pid: str, outcome: dict) -> None:
         with lock:
             outcomes[pid] = outcome
             publish()
-        echo(f"[workbench]   {pid}: {outcome['status']} in {outcome.get('duration') or 0:.0f} s"
-             + (f" -- {outcome['error'].splitlines()[0]}" if outcome.get("error") else ""))
+        note = (f"{pid}: {outcome['status']} in {outcome.get('duration') or 0:.0f} s"
+                + (f" -- {outcome['error'].splitlines()[0]}" if outcome.get("error") else ""))
+        if bar is not None:
+            bar.update(1, note=note)
+        else:
+            echo(f"[workbench]   {note}")
 
-    if ray_backend is not None:
-        ray_backend.run(todo, path, timeout, kernel, gpus_per_point, jobs, _execute_point, finished)
-    else:
-        _run_local(todo, path, timeout, kernel, jobs, finished, threads)
+    started = time.time()
+    try:
+        if ray_backend is not None:
+            ray_backend.run(todo, path, timeout, kernel, gpus_per_point, jobs, _execute_point, finished)
+        else:
+            _run_local(todo, path, timeout, kernel, jobs, finished, threads)
+    except KeyboardInterrupt:
+        with lock:
+            _collect_interrupted(todo, outcomes, started)
+            publish(interrupted=True)
+        raise RunInterrupted(f"interrupted: the points that were running are recorded as '{INTERRUPTED}' in "
+                             f"{root / 'results.json'}; the same command resumes the sweep") from None
+    finally:
+        if bar is not None:
+            bar.close()
     summary = publish()
     echo(f"[workbench] sweep index: {root / 'index.html'}")
     return summary
@@ -277,6 +310,20 @@ def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished,
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(process.pid, signal.SIGINT)
             raise
+
+
+def _collect_interrupted(todo: list, outcomes: dict[str, dict], started: float) -> None:
+    """After Ctrl-C: the outcomes the stopped workers wrote in this sweep (status interrupted) join
+    the summary; points that never started stay pending."""
+    for pid, _, point_dir in todo:
+        if pid in outcomes:
+            continue
+        with contextlib.suppress(OSError):
+            if (point_dir / "point.json").stat().st_mtime < started:
+                continue  # an earlier sweep's outcome: this one never started the point
+        previous = _read_point(point_dir)
+        if previous is not None and previous.get("status") == INTERRUPTED:
+            outcomes[pid] = previous
 
 
 def _read_point(point_dir: Path) -> dict | None:

@@ -63,6 +63,7 @@ import math
 import os
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ class TrainConfig:
 
 
 CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DEBUG_ENV_VAR = "WORKBENCH_DEBUG"  # set by `workbench --debug`: errors show their traceback
 OFF = "off"  # a nested flag's value that removes the section (``--noise off``)
 NESTED_HELP = {
     "noise": "batch-statistic noise attack, e.g. '{kind: mean, level: 0.5}' (kind: constant|mean|var|both|feature, "
@@ -963,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
             return _launch_torchrun(args.nproc_per_node, cfg, argv)
         train(cfg)
     except ValueError as exc:
+        if os.environ.get(DEBUG_ENV_VAR):
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -365,3 +365,21 @@ def test_noise_draws_across_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     gap = json.loads((tmp_path / "out.json").read_text())
     assert gap["mean"] == 0.0 and gap["feature"] > 0.1, gap
+
+
+def test_numbers_are_finite_and_in_range_also_from_a_file(tmp_path):
+    """The file's values go through the same spec as the flags: YAML's .nan, a momentum of 1, a
+    negative weight decay are refused before training; YAML's 1e-4 (a string to PyYAML) is a number."""
+    refused = [("lr: .nan\n", r"lr=nan must be finite"), ("momentum: 1.0\n", r"momentum=1.0 is out of range"),
+               ("weight_decay: -0.1\n", r"weight_decay=-0.1 is out of range"),
+               ("gamma: 0\n", r"gamma=0.0 is out of range; allowed: float > 0.0"),
+               ("milestones: [5, 0]\n", r"milestones\[1\]=0 is out of range"),
+               ("max_steps: 0\n", r"max_steps=0 is out of range"), ("norm: gn\n", r"norm='gn' is not allowed")]
+    for text, message in refused:
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_config(str(path), {})
+    (tmp_path / "run.yaml").write_text("lr: 1e-4\nweight_decay: 0\n")
+    cfg = load_config(str(tmp_path / "run.yaml"), {})
+    assert cfg.lr == 1e-4 and isinstance(cfg.weight_decay, float)

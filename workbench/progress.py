@@ -53,10 +53,11 @@ class Progress:
         now = time.perf_counter()
         if note or self.done >= self.total or now - self._last_line >= self.min_interval:
             self._last_line = now
-            print(self.line(note), file=self.stream, flush=True)
+            print(self.line(note, now), file=self.stream, flush=True)
 
-    def line(self, note: str | None = None) -> str:
-        elapsed = time.perf_counter() - self.started
+    def line(self, note: str | None = None, now: float | None = None) -> str:
+        """The plain line for the count so far (at ``now``, a ``time.perf_counter()`` reading)."""
+        elapsed = (time.perf_counter() if now is None else now) - self.started
         text = f"[workbench] {self.desc}: {self.done}/{self.total} {self.unit}s, {format_seconds(elapsed)} elapsed"
         if self.eta and 0 < self.done < self.total:
             text += f", ETA {format_seconds(elapsed / self.done * (self.total - self.done))}"

@@ -145,8 +145,10 @@ def bench_norm(device: torch.device, mode: str, channels: int, size: int, batch:
 def _stage(inplanes: int, planes: int, norm: str, attention: str, blocks: int) -> nn.Module:
     from workbench.models.cifar_resnet import Bottleneck, ResStage
     from workbench.nn import DIALSTMCell
+    from workbench.nn.norms import get_norm_layer
 
-    made = [Bottleneck(inplanes, planes, 1, norm, "bn", attention, True) for _ in range(blocks)]
+    made = [Bottleneck(inplanes, planes, 1, get_norm_layer(norm), attention, True, shortcut_norm_layer=nn.BatchNorm2d)
+            for _ in range(blocks)]
     return ResStage(made, DIALSTMCell(inplanes) if attention == "dia" else None)
 
 

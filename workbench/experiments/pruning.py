@@ -39,6 +39,7 @@ from workbench.data import accepted_options, get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
 from workbench.experiments.attention import limit_cpu_threads
 from workbench.experiments.dataset_choice import dataset_param
+from workbench.nn.norms import is_affine_norm, is_norm
 from workbench.params import COMMON, Param, validate
 from workbench.pruning import (
     BNScaleRecorder,
@@ -148,7 +149,7 @@ def train_run(regime: str, *, model: str = "pspnet_resnet18", norm: str = "bn", 
     if bn_init is not None:
         with torch.no_grad():
             for m in net.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                if is_affine_norm(m):
                     m.weight.fill_(bn_init)
     recorder = BNScaleRecorder(THRESHOLDS)
     callbacks: list = [recorder]
@@ -254,8 +255,7 @@ def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequenc
 
 
 def _is_norm_name(model: nn.Module, name: str) -> bool:
-    module = dict(model.named_modules()).get(name)
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    return is_norm(dict(model.named_modules()).get(name))
 
 
 @torch.no_grad()

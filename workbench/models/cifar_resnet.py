@@ -31,34 +31,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from torch import Tensor, nn
 
 from workbench.models.registry import register_model
 from workbench.nn.dia import DIALSTMCell
-from workbench.nn.iebn import IEBN2d
+from workbench.nn.norms import NORM_KINDS, NormLayer, get_norm_layer, is_identity_norm
 from workbench.nn.probe import AttentionProbe
 from workbench.nn.se import SEModule
 
-NORMS = ("bn", "iebn", "none")
+NORMS = NORM_KINDS
 ATTENTIONS = ("none", "se", "dia")
-NormLayer = Callable[[int], nn.Module]
-
-
-def _identity_norm(channels: int) -> nn.Module:
-    return nn.Identity()
-
-
-def norm_layer_for(norm: str) -> NormLayer:
-    """The norm-layer constructor for ``norm`` in :data:`NORMS`."""
-    if norm == "bn":
-        return nn.BatchNorm2d
-    if norm == "iebn":
-        return IEBN2d
-    if norm == "none":
-        return _identity_norm
-    raise ValueError(f"norm={norm!r} is not valid; allowed: {NORMS}")
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -69,6 +53,11 @@ class _ResidualBlock(nn.Module):
     """Common protocol: ``residual(x) -> (branch, identity)`` then ``merge(branch, identity)``.
 
     A DIA stage calls the two halves itself to scale ``branch`` by its attention in between.
+
+    Blocks take their norm as an injected constructor, as torchvision's do: ``norm_layer(channels)``
+    for the branch (``nn.Identity``: no normalisation, the convolutions then get a bias) and
+    ``shortcut_norm_layer`` for a projection shortcut (``None``: the same as ``norm_layer``);
+    :func:`workbench.nn.norms.get_norm_layer` turns a ``norm`` name into one.
     """
 
     expansion = 1
@@ -102,20 +91,22 @@ class _ResidualBlock(nn.Module):
         raise NotImplementedError
 
 
-def _projection(in_ch: int, out_ch: int, stride: int, norm_layer: NormLayer | None, norm: str) -> nn.Sequential:
+def _projection(in_ch: int, out_ch: int, stride: int, norm_layer: NormLayer | None) -> nn.Sequential:
+    """Option-B shortcut: ``1x1 conv`` (+ ``norm_layer``; ``None``: the conv alone, no bias)."""
     if norm_layer is None:
         return nn.Sequential(OrderedDict(conv=_conv(in_ch, out_ch, 1, stride)))
-    return nn.Sequential(OrderedDict(conv=_conv(in_ch, out_ch, 1, stride, bias=norm == "none"),
+    return nn.Sequential(OrderedDict(conv=_conv(in_ch, out_ch, 1, stride, bias=is_identity_norm(norm_layer)),
                                      bn=norm_layer(out_ch)))
 
 
 class BasicBlock(_ResidualBlock):
     """``conv3x3 -> norm -> relu -> conv3x3 -> norm`` (+ shortcut) -> relu."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int, norm: str, shortcut_norm: str,
-                 attention: str, skip: bool, se_reduction: int = 16) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, norm_layer: NormLayer = nn.BatchNorm2d,
+                 attention: str = "none", skip: bool = True, se_reduction: int = 16,
+                 shortcut_norm_layer: NormLayer | None = None) -> None:
         super().__init__()
-        norm_layer, bias = norm_layer_for(norm), norm == "none"
+        bias = is_identity_norm(norm_layer)
         self.skip = skip
         self.conv1 = _conv(inplanes, planes, 3, stride, bias)
         self.bn1 = norm_layer(planes)
@@ -123,7 +114,7 @@ class BasicBlock(_ResidualBlock):
         self.conv2 = _conv(planes, planes, 3, 1, bias)
         self.bn2 = norm_layer(planes)
         needs_projection = skip and (stride != 1 or inplanes != planes)
-        self.downsample = (_projection(inplanes, planes, stride, norm_layer_for(shortcut_norm), shortcut_norm)
+        self.downsample = (_projection(inplanes, planes, stride, shortcut_norm_layer or norm_layer)
                            if needs_projection else None)
         self._finish_init(planes, attention, se_reduction)
 
@@ -139,10 +130,11 @@ class Bottleneck(_ResidualBlock):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int, norm: str, shortcut_norm: str,
-                 attention: str, skip: bool, se_reduction: int = 16) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, norm_layer: NormLayer = nn.BatchNorm2d,
+                 attention: str = "none", skip: bool = True, se_reduction: int = 16,
+                 shortcut_norm_layer: NormLayer | None = None) -> None:
         super().__init__()
-        norm_layer, bias = norm_layer_for(norm), norm == "none"
+        bias = is_identity_norm(norm_layer)
         out = planes * self.expansion
         self.skip = skip
         self.conv1 = _conv(inplanes, planes, 1, 1, bias)
@@ -154,7 +146,7 @@ class Bottleneck(_ResidualBlock):
         self.conv3 = _conv(planes, out, 1, 1, bias)
         self.bn3 = norm_layer(out)
         needs_projection = skip and (stride != 1 or inplanes != out)
-        self.downsample = (_projection(inplanes, out, stride, norm_layer_for(shortcut_norm), shortcut_norm)
+        self.downsample = (_projection(inplanes, out, stride, shortcut_norm_layer or norm_layer)
                            if needs_projection else None)
         self._finish_init(out, attention, se_reduction)
 
@@ -174,25 +166,27 @@ class PreActBottleneck(_ResidualBlock):
     expansion = 4
     post_activation = False
 
-    def __init__(self, inplanes: int, planes: int, stride: int, norm: str, shortcut_norm: str,
-                 attention: str, skip: bool, se_reduction: int = 16) -> None:
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, norm_layer: NormLayer = nn.BatchNorm2d,
+                 attention: str = "none", skip: bool = True, se_reduction: int = 16,
+                 shortcut_norm_layer: NormLayer | None = None) -> None:
         super().__init__()
-        norm_layer = norm_layer_for(norm)
+        bias = is_identity_norm(norm_layer)
         out = planes * self.expansion
         self.skip = skip
         self.bn1 = norm_layer(inplanes)
         self.relu1 = nn.ReLU(inplace=False)
-        self.conv1 = _conv(inplanes, planes, 1, 1, norm == "none")
+        self.conv1 = _conv(inplanes, planes, 1, 1, bias)
         self.bn2 = norm_layer(planes)
         self.relu2 = nn.ReLU(inplace=False)
-        self.conv2 = _conv(planes, planes, 3, stride, norm == "none")
+        self.conv2 = _conv(planes, planes, 3, stride, bias)
         self.bn3 = norm_layer(planes)
         self.relu3 = nn.ReLU(inplace=False)
         with_extra_bn = attention == "dia"
-        self.conv3 = _conv(planes, out, 1, 1, with_extra_bn and norm == "none")
+        self.conv3 = _conv(planes, out, 1, 1, with_extra_bn and bias)
         self.bn_additional = norm_layer(out) if with_extra_bn else None
         needs_projection = skip and (stride != 1 or inplanes != out)
-        self.downsample = _projection(inplanes, out, stride, None, norm) if needs_projection else None
+        # Pre-activation: the next block's leading norm normalises the sum, the projection has none.
+        self.downsample = _projection(inplanes, out, stride, None) if needs_projection else None
         self._finish_init(out, attention, se_reduction)
 
     def branch(self, x: Tensor) -> Tensor:
@@ -262,12 +256,12 @@ class CifarResNet(nn.Module):
         _validate(num_classes=num_classes, norm=norm, attention=attention, width=width, in_channels=in_channels,
                   skip=skip, zero_init_residual=zero_init_residual, convert_shortcut_bn=convert_shortcut_bn,
                   se_reduction=se_reduction, dia_reduction=dia_reduction)
-        norm_layer = norm_layer_for(norm)
-        shortcut_norm = "bn" if norm == "iebn" and not convert_shortcut_bn else norm
+        norm_layer = get_norm_layer(norm)
+        shortcut_norm_layer = get_norm_layer("bn" if norm == "iebn" and not convert_shortcut_bn else norm)
         preact = not block.post_activation
         self.norm, self.attention = norm, attention
         stem_width = _scaled(16, width)
-        stem = OrderedDict(conv=_conv(in_channels, stem_width, 3, 1, norm == "none" and not preact))
+        stem = OrderedDict(conv=_conv(in_channels, stem_width, 3, 1, is_identity_norm(norm_layer) and not preact))
         if not preact:
             stem.update(bn=norm_layer(stem_width), relu=nn.ReLU(inplace=False))
         self.stem = nn.Sequential(stem)
@@ -276,8 +270,8 @@ class CifarResNet(nn.Module):
             planes = _scaled(planes, width)
             blocks = []
             for b in range(blocks_per_stage):
-                blocks.append(block(inplanes, planes, stride if b == 0 else 1, norm, shortcut_norm, attention, skip,
-                                    se_reduction))
+                blocks.append(block(inplanes, planes, stride if b == 0 else 1, norm_layer, attention, skip,
+                                    se_reduction, shortcut_norm_layer=shortcut_norm_layer))
                 inplanes = planes * block.expansion
             dia = DIALSTMCell(inplanes, dia_reduction) if attention == "dia" else None
             self.add_module(f"layer{index}", ResStage(blocks, dia))

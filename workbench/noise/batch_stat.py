@@ -63,7 +63,6 @@ strip the copy) when that is not wanted.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -74,6 +73,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from workbench.callbacks import Callback
 from workbench.nn.functional import running_average_factor, update_running_stats
+from workbench.nn.norms import norm_layers
 from workbench.nn.sync import SyncBatchNorm2d, pool_moments_over_group
 from workbench.noise.schedule import Schedule, check_level, make_schedule
 
@@ -99,36 +99,15 @@ def _mix(*values: int) -> int:
 
 
 def normalization_layers(model: nn.Module) -> dict[str, _BatchNorm]:
-    """Every batch-normalisation layer of ``model`` (``nn.BatchNorm*d``, ``nn.SyncBatchNorm``,
-    ``IEBN2d``...) by qualified name, in definition order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    """Every batch-normalisation layer of ``model`` by qualified name (:func:`workbench.nn.norms.norm_layers`)."""
+    return norm_layers(model)
 
 
 def select_layers(model: nn.Module, layers: str | Iterable[str] | None) -> dict[str, _BatchNorm]:
-    """The normalisation layers named by ``layers`` (names or ``fnmatch`` patterns; ``None``: all).
-
-    Raises ``ValueError`` when the model has no normalisation layer or a pattern matches none.
-    """
-    found = normalization_layers(model)
-    if not found:
-        raise ValueError(f"model={type(model).__name__} has no batch-normalisation layer; allowed: a model with "
-                         "nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm or IEBN2d layers")
-    if layers is None:
-        return found
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(f"layers={layers!r} is not valid; allowed: None, a name or fnmatch pattern, or a "
-                         "non-empty list of them")
-    chosen: set[str] = set()
-    for pattern in patterns:
-        hits = [name for name in found if name == pattern or fnmatch.fnmatchcase(name, pattern)]
-        if not hits:
-            names = list(found)
-            shown = ", ".join(repr(n) for n in names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-            raise ValueError(f"layers pattern {pattern!r} matches no normalisation layer; allowed: names or "
-                             f"fnmatch patterns of {shown}")
-        chosen.update(hits)
-    return {name: m for name, m in found.items() if name in chosen}
+    """The normalisation layers the noise perturbs: ``norm_layers(model, layers, required=True)``
+    (names or ``fnmatch`` patterns; ``None``: all; ``ValueError`` when there is none or a pattern
+    matches none)."""
+    return norm_layers(model, layers, required=True)
 
 
 def _uses_stat_hook(module: nn.Module) -> bool:

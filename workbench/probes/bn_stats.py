@@ -16,37 +16,18 @@ skipped.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 
+from workbench.nn.norms import norm_layers
 from workbench.probes.base import Probe
 
 DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
-
-
-def _norm_layers(model: nn.Module, layers: str | Sequence[str] | None) -> dict[str, nn.Module]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
-    if not found:
-        raise ValueError(f"model={type(model).__name__} has no batch-normalisation layer; allowed: a model with "
-                         "nn.BatchNorm*d, nn.SyncBatchNorm or IEBN2d layers")
-    if layers is None:
-        return found
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    chosen = {}
-    for pattern in patterns:
-        hits = {n: m for n, m in found.items() if n == pattern or fnmatch.fnmatchcase(n, pattern)}
-        if not hits:
-            raise ValueError(f"layers pattern {pattern!r} matches no normalisation layer; allowed: names or fnmatch "
-                             f"patterns of {list(found)[:12]}")
-        chosen.update(hits)
-    return {n: m for n, m in found.items() if n in chosen}
 
 
 def _batches(data: Tensor | Dataset | Iterable, batch_size: int) -> Iterable[Tensor]:
@@ -68,7 +49,7 @@ def bn_input_moments(model: nn.Module, data: Tensor | Dataset | Iterable, layers
     """Per-sample, per-channel mean and variance ``(N, C)`` (float64, CPU) of every selected
     normalisation layer's input over ``data`` (a tensor of inputs, a dataset of ``(x, y)`` or an
     iterable of batches), from one eval-mode pass. The model's mode is restored afterwards."""
-    selected = _norm_layers(model, layers)
+    selected = norm_layers(model, layers, required=True)
     if device is None:
         ref = next(iter(model.parameters()), None)
         device = ref.device if ref is not None else torch.device("cpu")

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from workbench.nn.iebn import IEBN2d
+from workbench.nn.norms import is_iebn, norm_layers
 from workbench.probes.base import Probe
 from workbench.probes.hooks import HookRecorder
 
@@ -49,7 +49,7 @@ class GateRecorder(HookRecorder):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.layers = {name: m for name, m in self.model.named_modules() if isinstance(m, IEBN2d)}
+        self.layers = norm_layers(self.model, predicate=is_iebn)
         if not self.layers:
             raise ValueError(f"model {type(model).__name__} has no IEBN2d layer; allowed: a model built with "
                              "norm='iebn' (or converted with workbench.nn.convert_bn_to_iebn)")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.nn.compiled import watch_hooks
-from workbench.pruning.importance import is_norm
+from workbench.nn.norms import is_affine_norm
 
 Affinity = Callable[[torch.Tensor], torch.Tensor]
 Reduction = Callable[[torch.Tensor], torch.Tensor]
@@ -88,7 +88,7 @@ class CAGM:
                  reduction: str | Reduction = "colmean_sigmoid", activation: str = "relu",
                  momentum: float = 0.1, average: str = "ema", train_only: bool = True,
                  max_positions: int | None = 4096) -> None:
-        if not is_norm(bn):
+        if not is_affine_norm(bn):
             raise ValueError(f"a CAGM sits on an affine BatchNorm layer, got {type(bn).__name__}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not valid; allowed: {ACTIVATIONS}")
@@ -156,7 +156,7 @@ def default_sites(model: nn.Module, every: int = 1) -> list[str]:
         return list(fn())
     if every < 1:
         raise ValueError(f"every={every!r} must be a positive integer")
-    return [n for n, m in model.named_modules() if is_norm(m)][::every]
+    return [n for n, m in model.named_modules() if is_affine_norm(m)][::every]
 
 
 class CAGMSet:
@@ -165,7 +165,7 @@ class CAGMSet:
     def __init__(self, model: nn.Module, sites: Sequence[str] | None = None, **cagm_options: Any) -> None:
         sites = default_sites(model) if sites is None else list(sites)
         named = dict(model.named_modules())
-        bad = [s for s in sites if s not in named or not is_norm(named[s])]
+        bad = [s for s in sites if s not in named or not is_affine_norm(named[s])]
         if bad:
             raise ValueError(f"sites {bad} are not affine BatchNorm layers of {type(model).__name__}")
         self.modules: dict[str, CAGM] = {}

@@ -24,7 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from workbench.pruning.importance import iebn_mean_attention, is_iebn
+from workbench.nn.norms import is_iebn
+from workbench.pruning.importance import iebn_mean_attention
 from workbench.pruning.prune import METHODS, PruneReport, prune
 
 FLOPS_TOLERANCE = 0.02

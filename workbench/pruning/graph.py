@@ -26,6 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from workbench.nn.norms import is_norm
 from workbench.pruning.pruners import default_customized_pruners, is_dia_cell
 
 Coupling = tuple[nn.Module, nn.Module]
@@ -82,7 +83,7 @@ def opaque_cells(model: nn.Module) -> Iterator[None]:
 def _trace_forward(model: nn.Module, inputs: Any) -> Any:
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if is_norm(m):
             m.eval()
     devices = [a.device for a in as_args(inputs) if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
     with torch.random.fork_rng(devices=devices):

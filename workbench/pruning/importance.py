@@ -26,16 +26,12 @@ import torch_pruning as tp
 from torch import nn
 
 from workbench.nn.compiled import watch_hooks
+from workbench.nn.norms import is_affine_norm, is_iebn
+
+# ``is_norm`` here has always meant "an affine normalisation layer" (what pruning can score).
+is_norm = is_affine_norm
 
 GROUP_REDUCTIONS = ("mean", "max", "sum")
-
-
-def is_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
-
-
-def is_iebn(m: nn.Module) -> bool:
-    return is_norm(m) and hasattr(m, "attn_weight") and hasattr(m, "attn_bias")
 
 
 def effective_scale(bn: nn.Module, attention: torch.Tensor | None = None,
@@ -70,7 +66,7 @@ class EffectiveScaleImportance(tp.importance.Importance):
         seen = set()
         for item in group:
             layer = item.dep.target.module
-            if not is_norm(layer) or layer in seen:
+            if not is_affine_norm(layer) or layer in seen:
                 continue
             root_idxs = item.root_idxs
             if any(r is None for r in root_idxs):

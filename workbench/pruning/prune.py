@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.nn.norms import is_affine_norm, is_iebn, is_norm
 from workbench.pruning.cost import count_flops, count_params, measure_latency, preferred_round_to
 from workbench.pruning.graph import (
     PRUNABLE_LEAVES,
@@ -42,7 +43,7 @@ from workbench.pruning.graph import (
     preserved_modes,
     resolve_layers,
 )
-from workbench.pruning.importance import EffectiveScaleImportance, iebn_mean_attention, is_iebn, is_norm
+from workbench.pruning.importance import EffectiveScaleImportance, iebn_mean_attention
 
 METHODS = ("slimming", "cap")
 
@@ -127,7 +128,7 @@ def _validate(model: nn.Module, ratio: Any, example_inputs: Any, method: str, mi
         raise ValueError(f"importance={importance!r} must be a Torch-Pruning importance (callable on a group)")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not any(is_norm(m) for m in model.modules()):
+    if not any(is_affine_norm(m) for m in model.modules()):
         raise ValueError(f"model {type(model).__name__} has no affine BatchNorm layer: BN-scale pruning "
                          "(slimming/cap) needs BN scales to rank channels")
     args = as_args(example_inputs)
@@ -158,7 +159,7 @@ def _by_module(model: nn.Module, values: dict | None, what: str) -> dict[nn.Modu
         if name not in named:
             raise ValueError(f"{what}: no layer named {name!r}")
         layer = named[name]
-        if not is_norm(layer) or torch.as_tensor(value).numel() != layer.num_features:
+        if not is_affine_norm(layer) or torch.as_tensor(value).numel() != layer.num_features:
             raise ValueError(f"{what}[{name!r}] must be a vector of {getattr(layer, 'num_features', '?')} values "
                              "for a BatchNorm layer")
         out[layer] = torch.as_tensor(value).detach().float()
@@ -172,7 +173,7 @@ def _channels(model: nn.Module) -> dict[str, int]:
             out[name] = m.out_channels
         elif isinstance(m, nn.Linear):
             out[name] = m.out_features
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif is_norm(m):
             out[name] = m.num_features
     return out
 

@@ -40,9 +40,10 @@ import torch_pruning as tp
 from torch import nn
 
 from workbench.callbacks import Callback
+from workbench.nn.norms import is_affine_norm, norm_layers
 from workbench.pruning.cagm import AFFINITIES, REDUCTIONS, CAGMSet, default_sites
 from workbench.pruning.graph import _trace_forward, flatten_outputs, opaque_cells, preserved_modes
-from workbench.pruning.importance import EffectiveScaleImportance, is_norm
+from workbench.pruning.importance import EffectiveScaleImportance
 from workbench.pruning.pruners import default_customized_pruners
 
 Schedule = Callable[[int, int], float]
@@ -139,15 +140,15 @@ class BNScaleSparsity(_ScheduledLambda):
         named = dict(model.named_modules())
         if self.layers is None:
             return []
-        unknown = [n for n in self.layers if n not in named or not is_norm(named[n])]
+        unknown = [n for n in self.layers if n not in named or not is_affine_norm(named[n])]
         if unknown:
             raise ValueError(f"layers {unknown} are not affine BatchNorm layers of {type(model).__name__}")
         keep = {named[n] for n in self.layers}
-        return [m for m in model.modules() if is_norm(m) and m not in keep]
+        return [m for m in model.modules() if is_affine_norm(m) and m not in keep]
 
     def build(self, model: nn.Module, example_inputs: Any) -> tp.pruner.BNScalePruner:
         """Build the Torch-Pruning regulariser for ``model`` (done automatically on the first batch)."""
-        if not any(is_norm(m) for m in model.modules()):
+        if not any(is_affine_norm(m) for m in model.modules()):
             raise ValueError(f"{type(model).__name__} has no affine BatchNorm layer to sparsify")
         with preserved_modes(model), torch.enable_grad(), opaque_cells(model):
             self.pruner = tp.pruner.BNScalePruner(
@@ -174,7 +175,7 @@ class BNScaleSparsity(_ScheduledLambda):
         lrs = _param_lrs(state.optimizer)
         excluded = set(self._excluded(state.model))
         for m in state.model.modules():
-            if is_norm(m) and m not in excluded and id(m.weight) in lrs:
+            if is_affine_norm(m) and m not in excluded and id(m.weight) in lrs:
                 soft_threshold_(m.weight, lrs[id(m.weight)] * lam)
         state.logs["sparsity_lambda"] = lam
 
@@ -249,7 +250,7 @@ class CAGSSparsity(_ScheduledLambda):
         (``lrs`` given): soft-threshold every BN scale by ``lr * lam * w``."""
         guided = {m.bn: m for _, m in self.cagms} if self.cagms is not None else {}
         for m in model.modules():
-            if not is_norm(m):
+            if not is_affine_norm(m):
                 continue
             w = self._weight_of(m, guided)
             if w is None:
@@ -302,7 +303,8 @@ class CAGSSparsity(_ScheduledLambda):
 
 def bn_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """``|gamma|`` of every affine BN layer, by name (CPU copies)."""
-    return {n: m.weight.detach().abs().flatten().cpu().clone() for n, m in model.named_modules() if is_norm(m)}
+    return {n: m.weight.detach().abs().flatten().cpu().clone()
+            for n, m in norm_layers(model, predicate=is_affine_norm).items()}
 
 
 def sparsity_fraction(scales: dict[str, torch.Tensor] | nn.Module, thresholds: Sequence[float] = (1e-2,)

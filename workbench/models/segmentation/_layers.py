@@ -1,28 +1,14 @@
-"""Small building blocks shared by the segmentation networks: norm choice, width scaling, Conv-BN-ReLU."""
+"""Small building blocks shared by the segmentation networks: allowed norms, width scaling, Conv-BN-ReLU."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
-NormLayer = Callable[[int], nn.Module]
+from workbench.nn.norms import NormLayer
 
+# The norms a segmentation network takes (``workbench.nn.norms.get_norm_layer(norm, NORMS)``): it
+# always normalises, since the pruning criterion lives on the BN scales.
 NORMS = ("bn", "iebn")
-
-
-def resolve_norm(norm: str) -> NormLayer:
-    """``"bn"`` -> ``nn.BatchNorm2d``, ``"iebn"`` -> ``workbench.nn.IEBN2d`` (a BatchNorm2d subclass).
-
-    Segmentation networks always normalise: the pruning criterion lives on the BN scales.
-    """
-    if norm == "bn":
-        return nn.BatchNorm2d
-    if norm == "iebn":
-        from workbench.nn import IEBN2d  # imported late: models build without the attention layers
-
-        return IEBN2d
-    raise ValueError(f"norm={norm!r} is not valid for a segmentation network; allowed: {NORMS}")
 
 
 def check_common(num_classes: int, in_channels: int, width: float) -> None:

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.models.segmentation._layers import ConvBNReLU, NormLayer, check_common, resolve_norm, scaled
+from workbench.models.segmentation._layers import NORMS, ConvBNReLU, NormLayer, check_common, scaled
 from workbench.models.segmentation.dilated_resnet import DilatedResNet
+from workbench.nn.norms import get_norm_layer
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -73,7 +74,7 @@ class ICNet(nn.Module):
                  depth: int = 50, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
         super().__init__()
         check_common(num_classes, in_channels, width)
-        norm_layer = resolve_norm(norm)
+        norm_layer = get_norm_layer(norm, NORMS)
         self.num_classes = num_classes
         c32, c64, c128, c256 = (scaled(c, width) for c in (32, 64, 128, 256))
         self.sub1 = nn.Sequential(

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.models.segmentation._layers import ConvBNReLU, NormLayer, check_common, resolve_norm, scaled
+from workbench.models.segmentation._layers import NORMS, ConvBNReLU, NormLayer, check_common, scaled
 from workbench.models.segmentation.dilated_resnet import DilatedResNet
+from workbench.nn.norms import get_norm_layer
 
 
 class PyramidPooling(nn.Module):
@@ -61,7 +62,7 @@ class PSPNet(nn.Module):
         check_common(num_classes, in_channels, width)
         if not bins or any(not isinstance(b, int) or b < 1 for b in bins):
             raise ValueError(f"bins={bins!r} must be a non-empty sequence of positive integers")
-        norm_layer = resolve_norm(norm)
+        norm_layer = get_norm_layer(norm, NORMS)
         self.num_classes = num_classes
         self.backbone = DilatedResNet(depth, width, in_channels, (False, True, True), norm_layer)
         c3, c4 = self.backbone.out_channels[2], self.backbone.out_channels[3]

@@ -15,35 +15,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.models.segmentation._layers import ConvBNReLU, check_common, resolve_norm, scaled
+from workbench.models.segmentation._layers import NORMS, ConvBNReLU, NormLayer, check_common, scaled
+from workbench.nn.norms import get_norm_layer
 
 ENCODER = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 DECODER = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64,))
+
+
+def _stages(spec: tuple[tuple[int, ...], ...], channels: int, width: float,
+            norm_layer: NormLayer) -> tuple[nn.ModuleList, int]:
+    """One ``nn.Sequential`` of ConvBNReLU per stage of ``spec``, and the channels it ends with."""
+    stages = []
+    for stage in spec:
+        layers = []
+        for c in stage:
+            layers.append(ConvBNReLU(channels, scaled(c, width), norm_layer=norm_layer))
+            channels = scaled(c, width)
+        stages.append(nn.Sequential(*layers))
+    return nn.ModuleList(stages), channels
 
 
 class SegNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0, norm: str = "bn") -> None:
         super().__init__()
         check_common(num_classes, in_channels, width)
-        norm_layer = resolve_norm(norm)
+        norm_layer = get_norm_layer(norm, NORMS)
         self.num_classes = num_classes
-        channels = in_channels
-        encoder = []
-        for stage in ENCODER:
-            layers = []
-            for c in stage:
-                layers.append(ConvBNReLU(channels, scaled(c, width), norm_layer=norm_layer))
-                channels = scaled(c, width)
-            encoder.append(nn.Sequential(*layers))
-        self.encoder = nn.ModuleList(encoder)
-        decoder = []
-        for stage in DECODER:
-            layers = []
-            for c in stage:
-                layers.append(ConvBNReLU(channels, scaled(c, width), norm_layer=norm_layer))
-                channels = scaled(c, width)
-            decoder.append(nn.Sequential(*layers))
-        self.decoder = nn.ModuleList(decoder)
+        self.encoder, channels = _stages(ENCODER, in_channels, width, norm_layer)
+        self.decoder, channels = _stages(DECODER, channels, width, norm_layer)
         self.classifier = nn.Conv2d(channels, num_classes, 3, padding=1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

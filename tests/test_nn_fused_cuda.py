@@ -1,5 +1,7 @@
-"""Fused CUDA IEBN: the Triton kernels' math under Triton's interpreter (CPU, in a subprocess),
-the switch and launch plan, and the real CUDA operator (gpu-marked)."""
+"""Fused CUDA IEBN: the Triton kernels' math under Triton's interpreter (CPU, in a subprocess), the
+kernels through Triton's real compiler down to sm_90 machine code (no GPU needed), the switch and
+the launch plan, and the real CUDA operator (gpu-marked: speed-independent correctness on a GPU,
+compiled graphs, opcheck)."""
 
 from __future__ import annotations
 
@@ -78,6 +80,58 @@ def test_sweep_plan_covers_every_plane_once(n, c, hw, channels_last):
     assert 1 <= plan.num_warps <= 8
     if n * c * hw >= 528 * 2048:
         assert n * plan.num_cb * plan.split >= 528 // 2  # big activations fill the GPU
+
+
+_ACTIVATION_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+_FLOAT_ARGS = {"eps", "inv_count", "unbias", "inv_hw"}
+
+
+def _compile_for_hopper(kernel, constexprs: dict, dtype: str) -> None:
+    """Triton's full compiler (TTIR -> PTX -> cubin with its bundled ptxas) for sm_90, no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{dtype}" if name in _ACTIVATION_POINTERS else "*fp32"
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    try:
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    except TypeError as error:  # another Triton version's ASTSource
+        pytest.skip(f"ASTSource of this Triton version differs: {error}")
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert compiled.asm["cubin"]
+
+
+@needs_triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted in this process")
+@pytest.mark.parametrize(("shape", "channels_last", "dtype"), [
+    ((128, 16, 32, 32), False, "fp32"), ((128, 256, 8, 8), True, "bf16"), ((4, 70, 9, 9), False, "fp16"),
+    ((3, 5, 1, 1), False, "fp32")])
+def test_kernels_compile_for_hopper_without_a_gpu(shape, channels_last, dtype):
+    """The interpreter runs the kernels' Python; this compiles them as a GPU would (types, layouts,
+    loop-carried values), with the tiles and stride specialisations the launches use."""
+    from workbench.nn import triton_iebn as kernels
+
+    n, c, h, w = shape
+    plan = kernels.sweep_plan(n, c, h * w, channels_last, 528)
+    block_n, block_c = kernels._stats_blocks(n, c)
+    unit = {"stride_c": 1, "gstride_c": 1} if channels_last else {"stride_hw": 1, "gstride_hw": 1}
+    sweep = {"BLOCK_C": plan.block_c, "BLOCK_HW": plan.block_hw}
+    stats = {"BLOCK_N": block_n, "BLOCK_C": block_c}
+    cases = [(kernels._plane_moments, {**sweep, **unit}), (kernels._plane_affine, {**sweep, **unit}),
+             (kernels._grad_sums, {**sweep, **unit}), (kernels._grad_input, {**sweep, **unit}),
+             (kernels._forward_stats, {**stats, "HAS_WEIGHT": True, "HAS_BIAS": dtype != "fp16"}),
+             (kernels._backward_stats, {**stats, "HAS_WEIGHT": dtype != "fp16"})]
+    for kernel, constexprs in cases:
+        names = set(kernel.arg_names)
+        _compile_for_hopper(kernel, {k: v for k, v in constexprs.items() if k in names}, dtype)
 
 
 # --- on a GPU --------------------------------------------------------------------------------------

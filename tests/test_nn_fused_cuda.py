@@ -156,14 +156,16 @@ def _reference_grads(m, x, grad):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
+    from workbench.nn import triton_iebn
+
     calls = []
-    original = fc.iebn_fused_forward
+    original = triton_iebn.forward
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args[0].dtype)
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(fc, "iebn_fused_forward", spy)
+    monkeypatch.setattr(triton_iebn, "forward", spy)
     monkeypatch.delenv("WORKBENCH_FUSED", raising=False)
     return calls
 

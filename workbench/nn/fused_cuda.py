@@ -28,9 +28,11 @@ Why about 1.0x ``nn.BatchNorm2d`` is the limit: the forward reads ``x`` twice an
 once, the backward reads ``dy`` and ``x`` twice and writes ``dx`` once, which is exactly what BN's
 own two-pass training kernels move; the gate's sums are a by-product of BN's reduction and its
 per-plane arithmetic is ``O(N * C)``, so IEBN can match BN's memory traffic but not undercut it.
-At small activations both are bound by launch and dispatch overhead instead, where the six
-launches plus one operator dispatch per direction set the floor. Under ``torch.compile`` the
-operator is one opaque node: inductor cannot fuse a following ReLU into it as it does for BN.
+At small activations both are bound by launch and dispatch overhead instead, where the three
+launches per direction set the floor; eager calls therefore run the kernels from one
+``torch.autograd.Function`` (the operator's dispatch through ``torch.library`` costs about twice
+as much Python per call), and only compiled graphs call the operator. There it is one opaque
+node: inductor cannot fuse a following ReLU into it as it does for BN.
 
 Inputs: float32, bfloat16 or float16 (accumulated in float32; ``y``/``dx`` in the input's dtype,
 parameter gradients in the parameters' dtype), contiguous or channels_last (the kernels address
@@ -52,6 +54,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _ENV = "WORKBENCH_FUSED"
 _MODES = {"1": "on", "true": "on", "yes": "on", "on": "on", "": "on", "eager": "eager",
@@ -146,6 +149,12 @@ def _backward(ctx, grad_y, _grad_channel, _grad_plane):
     need = ctx.needs_input_grad
     dx, grads = iebn_fused_backward(_like_layout(grad_y, x), x, weight, attn_weight, channel_stats, plane_stats,
                                     need[0])
+    return _input_grads(ctx, dx, grads)
+
+
+def _input_grads(ctx, dx: Tensor | None, grads: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients autograd expects, one per forward input (``None`` where none is needed)."""
+    need = ctx.needs_input_grad
     out = [dx if need[0] else None]
     for i, dtype in enumerate(ctx.param_dtypes):
         out.append(None if dtype is None or not need[i + 1] else _cast(grads[i], dtype))
@@ -153,6 +162,26 @@ def _backward(ctx, grad_y, _grad_channel, _grad_plane):
 
 
 iebn_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFusedIEBN(torch.autograd.Function):
+    """The operator's forward and backward as one autograd node without the dispatcher: outside
+    ``torch.compile`` the same kernels run with less per-call overhead (launch-bound shapes pay it
+    on every layer). Compiled graphs call :func:`iebn_fused_forward`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, attn_weight, attn_bias, eps):
+        output = _kernels().forward(x, weight, bias, attn_weight, attn_bias, eps)
+        _setup_context(ctx, (x, weight, bias, attn_weight, attn_bias, eps), output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_channel, _grad_plane):
+        x, weight, attn_weight, channel_stats, plane_stats = ctx.saved_tensors
+        dx, grads = _kernels().backward(_like_layout(grad_y, x), x, weight, attn_weight, channel_stats, plane_stats,
+                                        ctx.needs_input_grad[0])
+        return _input_grads(ctx, dx, grads)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -177,5 +206,6 @@ def iebn_train_cuda(x: Tensor, weight: Tensor | None, bias: Tensor | None, attn_
     statistics detached float32 ``(C,)``, ready for the running averages."""
     if not _dense(x):
         x = x.contiguous()
-    y, channel_stats, _ = iebn_fused_forward(x, weight, bias, attn_weight, attn_bias, float(eps))
+    fused = iebn_fused_forward if torch.compiler.is_compiling() else _EagerFusedIEBN.apply
+    y, channel_stats, _ = fused(x, weight, bias, attn_weight, attn_bias, float(eps))
     return y, channel_stats[0], channel_stats[3]

@@ -49,8 +49,9 @@ def _merge(mean, m2, count, part_mean, part_m2, part_count):
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _plane_moments(x_ptr, pmean_ptr, pm2_ptr, N, C, HW, chunk, num_cb, stride_n, stride_c, stride_hw,
+def _plane_moments(x_ptr, part_ptr, N, C, HW, chunk, num_cb, stride_n, stride_c, stride_hw,
                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # part_ptr: (2, split, N, C) float32, the chunks' means then their centred sums of squares.
     pid = tl.program_id(0)
     part = tl.program_id(1)
     n = pid // num_cb
@@ -71,8 +72,8 @@ def _plane_moments(x_ptr, pmean_ptr, pm2_ptr, N, C, HW, chunk, num_cb, stride_n,
         seen = (start - lo).to(tl.float32)
         mean, m2, _ = _merge(mean, m2, seen, tile_mean, tl.sum(centred * centred, axis=1), k)
     offs = (part * N + n) * C + c
-    tl.store(pmean_ptr + offs, mean, mask=c_mask)
-    tl.store(pm2_ptr + offs, m2, mask=c_mask)
+    tl.store(part_ptr + offs, mean, mask=c_mask)
+    tl.store(part_ptr + tl.num_programs(1) * N * C + offs, m2, mask=c_mask)
 
 
 @triton.jit
@@ -90,13 +91,15 @@ def _plane_stats(pmean_ptr, pm2_ptr, offs, mask, NC, HW, chunk, split):
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _forward_stats(pmean_ptr, pm2_ptr, weight_ptr, bias_ptr, aw_ptr, ab_ptr, mean_ptr, var_ptr, rstd_ptr,
-                   unbiased_var_ptr, gap_ptr, gate_ptr, scale_ptr, shift_ptr, N, C, HW, chunk, split, eps,
-                   inv_count, unbias,
+def _forward_stats(part_ptr, weight_ptr, bias_ptr, aw_ptr, ab_ptr, channel_ptr, plane_ptr, N, C, HW, chunk, split,
+                   eps, inv_count, unbias,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    # channel_ptr: (4, C) mean, biased var, rstd, unbiased var; plane_ptr: (4, N, C) gap, gate, s, t.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     NC = N * C
+    pmean_ptr = part_ptr
+    pm2_ptr = part_ptr + split * NC
     # Pass 1: the batch mean (planes have equal sizes: the mean of the plane means).
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -132,19 +135,19 @@ def _forward_stats(pmean_ptr, pm2_ptr, weight_ptr, bias_ptr, aw_ptr, ab_ptr, mea
         gap, _ = _plane_stats(pmean_ptr, pm2_ptr, offs, mask, NC, HW, chunk, split)
         gate = tl.sigmoid(attn_w[None, :] * gap + attn_b[None, :])
         scale = gamma_rstd[None, :] * gate
-        tl.store(gap_ptr + offs, gap, mask=mask)
-        tl.store(gate_ptr + offs, gate, mask=mask)
-        tl.store(scale_ptr + offs, scale, mask=mask)
-        tl.store(shift_ptr + offs, beta[None, :] - mean[None, :] * scale, mask=mask)
-    tl.store(mean_ptr + c, mean, mask=c_mask)
-    tl.store(var_ptr + c, var, mask=c_mask)
-    tl.store(rstd_ptr + c, rstd, mask=c_mask)
+        tl.store(plane_ptr + offs, gap, mask=mask)
+        tl.store(plane_ptr + NC + offs, gate, mask=mask)
+        tl.store(plane_ptr + 2 * NC + offs, scale, mask=mask)
+        tl.store(plane_ptr + 3 * NC + offs, beta[None, :] - mean[None, :] * scale, mask=mask)
+    tl.store(channel_ptr + c, mean, mask=c_mask)
+    tl.store(channel_ptr + C + c, var, mask=c_mask)
+    tl.store(channel_ptr + 2 * C + c, rstd, mask=c_mask)
     # What nn.BatchNorm2d's running variance averages.
-    tl.store(unbiased_var_ptr + c, var * unbias, mask=c_mask)
+    tl.store(channel_ptr + 3 * C + c, var * unbias, mask=c_mask)
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _plane_affine(x_ptr, y_ptr, scale_ptr, shift_ptr, C, HW, chunk, num_cb, stride_n, stride_c, stride_hw,
+def _plane_affine(x_ptr, y_ptr, plane_ptr, N, C, HW, chunk, num_cb, stride_n, stride_c, stride_hw,
                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     n = pid // num_cb
@@ -152,8 +155,8 @@ def _plane_affine(x_ptr, y_ptr, scale_ptr, shift_ptr, C, HW, chunk, num_cb, stri
     c_mask = c < C
     lo = tl.program_id(1) * chunk
     hi = tl.minimum(lo + chunk, HW)
-    scale = tl.load(scale_ptr + n * C + c, mask=c_mask, other=0.0)[:, None]
-    shift = tl.load(shift_ptr + n * C + c, mask=c_mask, other=0.0)[:, None]
+    scale = tl.load(plane_ptr + (2 * N + n) * C + c, mask=c_mask, other=0.0)[:, None]
+    shift = tl.load(plane_ptr + (3 * N + n) * C + c, mask=c_mask, other=0.0)[:, None]
     row = n.to(tl.int64) * stride_n + c[:, None].to(tl.int64) * stride_c
     for start in range(lo, hi, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
@@ -164,7 +167,7 @@ def _plane_affine(x_ptr, y_ptr, scale_ptr, shift_ptr, C, HW, chunk, num_cb, stri
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _grad_sums(dy_ptr, x_ptr, mean_ptr, psum_ptr, psumx_ptr, N, C, HW, chunk, num_cb,
+def _grad_sums(dy_ptr, x_ptr, mean_ptr, part_ptr, N, C, HW, chunk, num_cb,
                stride_n, stride_c, stride_hw, gstride_n, gstride_c, gstride_hw,
                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
@@ -188,8 +191,8 @@ def _grad_sums(dy_ptr, x_ptr, mean_ptr, psum_ptr, psumx_ptr, N, C, HW, chunk, nu
         # Centred on the batch mean: no cancellation against sum(dy) * mean.
         sum_gx += tl.sum(g * (v - mean), axis=1)
     offs = (part * N + n) * C + c
-    tl.store(psum_ptr + offs, sum_g, mask=c_mask)
-    tl.store(psumx_ptr + offs, sum_gx, mask=c_mask)
+    tl.store(part_ptr + offs, sum_g, mask=c_mask)
+    tl.store(part_ptr + tl.num_programs(1) * N * C + offs, sum_gx, mask=c_mask)
 
 
 @triton.jit
@@ -201,13 +204,18 @@ def _summed_parts(ptr, offs, mask, NC, split):
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _backward_stats(psum_ptr, psumx_ptr, rstd_ptr, weight_ptr, aw_ptr, gap_ptr, gate_ptr, scale_ptr,
-                    coef_x_ptr, coef_c_ptr, gw_ptr, gb_ptr, gaw_ptr, gab_ptr, N, C, split, inv_hw, inv_count,
-                    HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _backward_stats(part_ptr, channel_ptr, plane_ptr, weight_ptr, aw_ptr, grads_ptr, coef_ptr, N, C, split,
+                    inv_hw, inv_count, HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grads_ptr: (4, C) d weight, d bias, d attn_weight, d attn_bias; coef_ptr: B (C,) then A (N, C).
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     NC = N * C
-    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    psum_ptr = part_ptr
+    psumx_ptr = part_ptr + split * NC
+    gap_ptr = plane_ptr
+    gate_ptr = plane_ptr + NC
+    scale_ptr = plane_ptr + 2 * NC
+    rstd = tl.load(channel_ptr + 2 * C + c, mask=c_mask, other=0.0)
     gamma_rstd = rstd
     if HAS_WEIGHT:
         gamma_rstd = rstd * tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
@@ -232,12 +240,12 @@ def _backward_stats(psum_ptr, psumx_ptr, rstd_ptr, weight_ptr, aw_ptr, gap_ptr, 
         g_aw += tl.sum(g_z * tl.load(gap_ptr + offs, mask=mask, other=0.0), axis=0)
         g_ab += tl.sum(g_z, axis=0)
     g_var = g_gamma_rstd * gamma_rstd * rstd * rstd * -0.5  # d rstd / d var = -rstd^3 / 2
-    tl.store(gw_ptr + c, g_gamma_rstd * rstd, mask=c_mask)
-    tl.store(gb_ptr + c, g_b, mask=c_mask)
-    tl.store(gaw_ptr + c, g_aw, mask=c_mask)
-    tl.store(gab_ptr + c, g_ab, mask=c_mask)
+    tl.store(grads_ptr + c, g_gamma_rstd * rstd, mask=c_mask)
+    tl.store(grads_ptr + C + c, g_b, mask=c_mask)
+    tl.store(grads_ptr + 2 * C + c, g_aw, mask=c_mask)
+    tl.store(grads_ptr + 3 * C + c, g_ab, mask=c_mask)
     # d var / dx = 2 (x - mean) / count; d mean / dx = 1 / count; d gap / dx = 1 / HW.
-    tl.store(coef_x_ptr + c, 2.0 * g_var * inv_count, mask=c_mask)
+    tl.store(coef_ptr + c, 2.0 * g_var * inv_count, mask=c_mask)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         mask = (n < N)[:, None] & c_mask[None, :]
@@ -245,11 +253,11 @@ def _backward_stats(psum_ptr, psumx_ptr, rstd_ptr, weight_ptr, aw_ptr, gap_ptr, 
         sum_gx = _summed_parts(psumx_ptr, offs, mask, NC, split)
         gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
         g_gap = sum_gx * gamma_rstd[None, :] * gate * (1.0 - gate) * attn_w[None, :]
-        tl.store(coef_c_ptr + offs, g_gap * inv_hw + g_mean[None, :] * inv_count, mask=mask)
+        tl.store(coef_ptr + C + offs, g_gap * inv_hw + g_mean[None, :] * inv_count, mask=mask)
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _grad_input(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, coef_x_ptr, coef_c_ptr, C, HW, chunk, num_cb,
+def _grad_input(dy_ptr, x_ptr, dx_ptr, mean_ptr, plane_ptr, coef_ptr, N, C, HW, chunk, num_cb,
                 stride_n, stride_c, stride_hw, gstride_n, gstride_c, gstride_hw,
                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
@@ -259,9 +267,9 @@ def _grad_input(dy_ptr, x_ptr, dx_ptr, mean_ptr, scale_ptr, coef_x_ptr, coef_c_p
     lo = tl.program_id(1) * chunk
     hi = tl.minimum(lo + chunk, HW)
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)[:, None]
-    coef_x = tl.load(coef_x_ptr + c, mask=c_mask, other=0.0)[:, None]
-    scale = tl.load(scale_ptr + n * C + c, mask=c_mask, other=0.0)[:, None]
-    coef_c = tl.load(coef_c_ptr + n * C + c, mask=c_mask, other=0.0)[:, None]
+    coef_x = tl.load(coef_ptr + c, mask=c_mask, other=0.0)[:, None]
+    scale = tl.load(plane_ptr + (2 * N + n) * C + c, mask=c_mask, other=0.0)[:, None]
+    coef_c = tl.load(coef_ptr + C + n * C + c, mask=c_mask, other=0.0)[:, None]
     x_row = n.to(tl.int64) * stride_n + c[:, None].to(tl.int64) * stride_c
     g_row = n.to(tl.int64) * gstride_n + c[:, None].to(tl.int64) * gstride_c
     for start in range(lo, hi, BLOCK_HW):
@@ -339,7 +347,8 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, attn_weight: 
             eps: float, programs: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``y``, the float32 channel statistics ``(4, C)``: batch mean, biased variance, ``rstd``,
     unbiased variance, and the float32 plane statistics ``(4, N, C)``: GAP, gate, scale ``s``,
-    shift ``t``."""
+    shift ``t``. (Kernels get whole buffers and find the rows themselves: fewer arguments and no
+    Python-side views keep the per-call host cost low.)"""
     n, c, h, w = x.shape
     hw = h * w
     f32 = {"dtype": torch.float32, "device": x.device}
@@ -347,20 +356,20 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, attn_weight: 
     partial = torch.empty((2, plan.split, n, c), **f32)
     channel_stats = torch.empty((4, c), **f32)
     plane_stats = torch.empty((4, n, c), **f32)
-    mean, var, rstd, unbiased_var = channel_stats.unbind(0)
-    gap, gate, scale, shift = plane_stats.unbind(0)
-    _plane_moments[plan.grid(n)](x, partial[0], partial[1], n, c, hw, plan.chunk, plan.num_cb, *_strides(x),
-                                 BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=plan.num_warps)
+    strides = _strides(x)
+    grid = plan.grid(n)
+    _plane_moments[grid](x, partial, n, c, hw, plan.chunk, plan.num_cb, *strides, BLOCK_C=plan.block_c,
+                         BLOCK_HW=plan.block_hw, num_warps=plan.num_warps)
     block_n, block_c = _stats_blocks(n, c)
     count = n * hw
     _forward_stats[(triton.cdiv(c, block_c),)](
-        partial[0], partial[1], weight if weight is not None else attn_weight,
-        bias if bias is not None else attn_bias, attn_weight, attn_bias, mean, var, rstd, unbiased_var,
-        gap, gate, scale, shift, n, c, hw, plan.chunk, plan.split, eps, 1.0 / count, count / max(count - 1, 1),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_C=block_c)
+        partial, weight if weight is not None else attn_weight, bias if bias is not None else attn_bias,
+        attn_weight, attn_bias, channel_stats, plane_stats, n, c, hw, plan.chunk, plan.split, eps, 1.0 / count,
+        count / max(count - 1, 1), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_C=block_c)
     y = torch.empty_like(x)
-    _plane_affine[plan.grid(n)](x, y, scale, shift, c, hw, plan.chunk, plan.num_cb, *_strides(x),
-                                BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=plan.num_warps)
+    _plane_affine[grid](x, y, plane_stats, n, c, hw, plan.chunk, plan.num_cb, *strides, BLOCK_C=plan.block_c,
+                        BLOCK_HW=plan.block_hw, num_warps=plan.num_warps)
     return y, channel_stats, plane_stats
 
 
@@ -372,24 +381,22 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, attn_weight: Te
     hw = h * w
     f32 = {"dtype": torch.float32, "device": x.device}
     plan = sweep_plan(n, c, hw, _channels_last(x), programs or target_programs(x.device))
-    mean, _, rstd, _ = channel_stats.unbind(0)
-    gap, gate, scale, _ = plane_stats.unbind(0)
+    strides = (*_strides(x), *_strides(grad_out))
+    grid = plan.grid(n)
     partial = torch.empty((2, plan.split, n, c), **f32)
-    _grad_sums[plan.grid(n)](grad_out, x, mean, partial[0], partial[1], n, c, hw, plan.chunk, plan.num_cb,
-                             *_strides(x), *_strides(grad_out), BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
-                             num_warps=plan.num_warps)
+    _grad_sums[grid](grad_out, x, channel_stats, partial, n, c, hw, plan.chunk, plan.num_cb, *strides,
+                     BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=plan.num_warps)
     grads = torch.empty((4, c), **f32)
-    coef_x = torch.empty((c,), **f32)
-    coef_c = torch.empty((n, c), **f32)
+    coefficients = torch.empty(((n + 1) * c,), **f32)
     block_n, block_c = _stats_blocks(n, c)
     _backward_stats[(triton.cdiv(c, block_c),)](
-        partial[0], partial[1], rstd, weight if weight is not None else rstd, attn_weight, gap, gate, scale,
-        coef_x, coef_c, grads[0], grads[1], grads[2], grads[3], n, c, plan.split, 1.0 / hw, 1.0 / (n * hw),
-        HAS_WEIGHT=weight is not None, BLOCK_N=block_n, BLOCK_C=block_c)
+        partial, channel_stats, plane_stats, weight if weight is not None else attn_weight, attn_weight, grads,
+        coefficients, n, c, plan.split, 1.0 / hw, 1.0 / (n * hw), HAS_WEIGHT=weight is not None, BLOCK_N=block_n,
+        BLOCK_C=block_c)
     dx = None
     if need_input:
         dx = torch.empty_like(x)
-        _grad_input[plan.grid(n)](grad_out, x, dx, mean, scale, coef_x, coef_c, c, hw, plan.chunk, plan.num_cb,
-                                  *_strides(x), *_strides(grad_out), BLOCK_C=plan.block_c,
-                                  BLOCK_HW=plan.block_hw, num_warps=plan.num_warps)
+        _grad_input[grid](grad_out, x, dx, channel_stats, plane_stats, coefficients, n, c, hw, plan.chunk,
+                          plan.num_cb, *strides, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw,
+                          num_warps=plan.num_warps)
     return dx, grads

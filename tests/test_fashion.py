@@ -342,6 +342,7 @@ def test_fashion_scenes_format():
         get_dataset("fashion-scenes", "train", min_digits=1)
 
 
+@pytest.mark.filterwarnings("error")  # the items come from a read-only cache, which must never reach torch as is
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_fashion_scenes_labels_are_the_composed_items(split):
     ds = get_dataset("fashion-scenes", split, length=6, seed=3)
@@ -367,6 +368,12 @@ def test_fashion_scenes_labels_are_the_composed_items(split):
         assert torch.equal(m, s["mask"])
         assert torch.allclose(x * torch.tensor(ds.std).view(3, 1, 1) + torch.tensor(ds.mean).view(3, 1, 1),
                               s["image"], atol=1e-5)
+
+
+def test_scene_items_are_converted_once():
+    first, again = fashion_split("test"), fashion_split("test")
+    assert first[0] is again[0] and not first[0].flags.writeable
+    assert first[0].dtype == np.float32 and float(first[0].max()) <= 1.0
 
 
 def test_fashion_scenes_from_the_full_set_need_it(tmp_path, no_system_copy):

@@ -137,11 +137,16 @@ def fashion_arrays(split: str, subset: str = "quick", root: Path | None = None,
     return images, labels, indices
 
 
+@functools.lru_cache(maxsize=4)
 def fashion_split(split: str, subset: str = "quick", root: Path | None = None,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Like :func:`fashion_arrays` with images as float32 intensities in [0, 1] (the scenes' items)."""
+    """Like :func:`fashion_arrays` with images as float32 intensities in [0, 1] (the scenes' items).
+
+    Cached and read-only: scenes look their items up once per rendered scene."""
     images, labels, indices = fashion_arrays(split, subset, root)
-    return images.astype(np.float32) / 255.0, labels, indices
+    images = images.astype(np.float32) / 255.0
+    images.setflags(write=False)
+    return images, labels, indices
 
 
 def stratified_head(labels: np.ndarray, per_class: int) -> np.ndarray:

@@ -68,7 +68,8 @@ class SceneGeometry:
 
 def _resize(array: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a (..., h, w) float array to (..., size, size)."""
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    # a copy: items may be read-only views of a shared cache, which torch will not wrap
+    t = torch.tensor(array, dtype=torch.float32)
     lead = t.shape[:-2]
     t = t.reshape(-1, 1, *t.shape[-2:])
     out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)

@@ -71,6 +71,8 @@ def test_quick_subset_shapes_classes_and_stratification():
     assert train.task == "classification" and train.in_channels == 3 and train.ignore_index is None
     assert train.targets.dtype == torch.int64
     # indices into the official files: distinct, in range, stored in file order
+    arrays = fashion_arrays("train")
+    assert not any(a.flags.writeable for a in arrays)  # a shared cache: nobody may write into it
     for ds, n in ((train, 60_000), (test, 10_000)):
         idx = ds.source_indices
         assert len(set(idx.tolist())) == len(idx) and int(idx.min()) >= 0 and int(idx.max()) < n
@@ -268,7 +270,7 @@ def test_full_set_found_in_each_layout(tmp_path, no_system_copy, small_full_set,
 
 def test_full_set_of_the_wrong_size_is_refused(tmp_path, no_system_copy):
     _fake_full_set(tmp_path / "fashion-mnist", {"train": 20, "test": 10})
-    with pytest.raises(ValueError, match="20 images, the full train split has 60000"):
+    with pytest.raises(ValueError, match="20 images, expected 60000 for the train split"):
         get_dataset("fashion-mnist", "train", subset="full", root=tmp_path)
 
 

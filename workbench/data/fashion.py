@@ -99,10 +99,12 @@ def _read_split(folder: Path, split: str, expected: int | None) -> tuple[np.ndar
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}")
     if expected is not None and len(images) != expected:
-        raise ValueError(f"{image_path}: {len(images)} images, the full {split} split has {expected}")
+        raise ValueError(f"{image_path}: {len(images)} images, expected {expected} for the {split} split")
     if len(labels) and int(labels.max()) >= len(FASHION_CLASSES):
         raise ValueError(f"{label_path}: label {int(labels.max())} outside 0..{len(FASHION_CLASSES) - 1}")
-    return images, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    labels.setflags(write=False)
+    return images, labels
 
 
 @functools.lru_cache(maxsize=1)
@@ -111,7 +113,10 @@ def _quick_indices(folder: Path) -> dict[str, np.ndarray]:
     verify_manifest(folder, hint=f"Restore it with `git checkout -- data/{FASHION_QUICK_DIR}` or rebuild "
                                  f"it from the full set with scripts/make_fashion_subset.py.")
     content = json.loads((folder / FASHION_QUICK_INDICES).read_text())
-    return {split: np.asarray(content[split], dtype=np.int64) for split in FASHION_SPLITS}
+    indices = {split: np.asarray(content[split], dtype=np.int64) for split in FASHION_SPLITS}
+    for array in indices.values():
+        array.setflags(write=False)
+    return indices
 
 
 def fashion_arrays(split: str, subset: str = "quick", root: Path | None = None,
@@ -134,6 +139,7 @@ def fashion_arrays(split: str, subset: str = "quick", root: Path | None = None,
         folder = locate_full_set(resolve_root(root))
         images, labels = _read_split(folder, split, FASHION_FULL_SIZES[split])
         indices = np.arange(len(labels))
+        indices.setflags(write=False)
     return images, labels, indices
 
 

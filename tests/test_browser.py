@@ -21,7 +21,8 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 SMALL = {
     "01_batch_noise": {"norms": ["bn", "iebn"], "levels": [0.0, 1.0], "batch_sizes": [32, 64], "batch_size": 64,
                        "seeds": 1, "mix_seeds": 1, "mix_epochs": 1, "epochs": 1},
-    "04_pruning_sparsity": {"epochs": 1, "finetune_epochs": 0, "ratios": [0.3, 0.7], "ratio": 0.3},
+    "04_pruning_sparsity": {"epochs": 1, "sparsity_epochs": 1, "finetune_epochs": 0, "ratios": [0.3, 0.7],
+                            "ratio": 0.3, "flops_targets": [0.5]},
 }
 # (notebook, slider label, where the drag ends: the track's left end is the smallest value, the right the largest)
 SLIDERS = [("01_batch_noise", "noise level", "left"), ("04_pruning_sparsity", "prune ratio", "right")]

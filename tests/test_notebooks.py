@@ -14,14 +14,15 @@ SMALL = {
                        "batch_size": 64, "seeds": 1, "mix_seeds": 1, "mix_epochs": 1, "epochs": 1},
     "02_attention_weights": {"num_samples": 64},
     "03_dia_lstm_interrelations": {"num_samples": 64},
-    "04_pruning_sparsity": {"epochs": 1, "finetune_epochs": 1, "ratios": [0.5], "ratio": 0.5},
+    "04_pruning_sparsity": {"epochs": 1, "sparsity_epochs": 1, "finetune_epochs": 1, "ratios": [0.5], "ratio": 0.5,
+                            "flops_targets": [0.7, 0.5, 0.3], "width": 0.125},
 }
 KEY_METRICS = {
     "00_quickstart": ("test_acc", "params", "optimizer"),
     "01_batch_noise": ("key_numbers", "summary"),
     "02_attention_weights": ("test_acc", "attention_spread_mean", "attribution_rank_correlation_mean"),
     "03_dia_lstm_interrelations": ("mean_cross_layer_corr", "ablation_test_acc", "stabilisation_test_acc"),
-    "04_pruning_sparsity": ("sweep",),
+    "04_pruning_sparsity": ("sweep", "rows", "verdicts", "cap_vs_slimming_verdict_0.5"),
 }
 
 pytestmark = pytest.mark.slow

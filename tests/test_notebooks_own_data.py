@@ -13,8 +13,9 @@ pytestmark = pytest.mark.slow
 
 CASES = {
     "00_quickstart": (write_classification, ["-p", "epochs", "1", "-p", "width", "0.25"]),
-    "04_pruning_sparsity": (write_segmentation, ["-p", "epochs", "1", "-p", "finetune_epochs", "1", "-p", "ratios",
-                                                 "[0.5]", "-p", "ratio", "0.5", "-p", "width", "0.125"]),
+    "04_pruning_sparsity": (write_segmentation, ["-p", "epochs", "1", "-p", "sparsity_epochs", "1", "-p",
+                                                 "finetune_epochs", "1", "-p", "ratios", "[0.5]", "-p", "ratio", "0.5",
+                                                 "-p", "flops_targets", "[0.6]", "-p", "width", "0.125"]),
 }
 
 

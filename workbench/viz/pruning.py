@@ -1,5 +1,6 @@
 """Figures for notebook 04_pruning_sparsity: BN-scale histograms, sparsity curves, kept channels,
-mIoU/params/FLOPs/latency against the prune ratio, predicted masks. Pure: plain data in, figure out."""
+mIoU/params/FLOPs/latency against the prune ratio, mIoU against FLOPs with intervals over seeds, the
+paired difference per FLOPs target with its verdict, predicted masks. Pure: plain data in, figure out."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from plotly.subplots import make_subplots
 from workbench.viz.common import PALETTE, base_layout
 
 REGIME_COLORS = {"plain": PALETTE[0], "l1": PALETTE[1], "cags": PALETTE[2]}
-METHOD_COLORS = {"slimming": PALETTE[1], "cap": PALETTE[2]}
+METHOD_COLORS = {"slimming": PALETTE[1], "cap": PALETTE[2], "cap_guided": PALETTE[3]}
+ARM_NAMES = {"slimming": "slimming (L1, |gamma|)", "cap": "CAP (CAGS, |gamma|)",
+             "cap_guided": "CAGS, |gamma| x guide (ablation)"}
+VERDICT_COLORS = {"supports": "#2ca02c", "contradicts": "#d62728", "inconclusive": "#7f7f7f"}
 REGIME_NAMES = {"plain": "plain", "l1": "L1 (Network Slimming)", "cags": "CAGS (CAP)"}
 
 
@@ -109,7 +113,8 @@ def kept_channels_figure(layers_by_method: Mapping[str, Mapping[str, Sequence[in
 
 
 def tradeoff_figure(rows: Sequence[Mapping], title: str | None = None) -> go.Figure:
-    """mIoU (pruned and fine-tuned), params, FLOPs and latency against the prune ratio, per method."""
+    """mIoU (pruned, and fine-tuned where rows have it), params, FLOPs and latency against the prune
+    ratio, per method."""
     if not rows:
         raise ValueError("rows is empty: nothing to plot")
     fig = make_subplots(rows=2, cols=2, subplot_titles=("mIoU", "parameters", "FLOPs", "latency (ms)"))
@@ -118,8 +123,9 @@ def tradeoff_figure(rows: Sequence[Mapping], title: str | None = None) -> go.Fig
         color = METHOD_COLORS.get(method, PALETTE[i % len(PALETTE)])
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["ratio"])
         x = [r["ratio"] for r in rs]
-        fig.add_trace(go.Scatter(x=x, y=[r["miou_finetuned"] for r in rs], name=f"{method}, fine-tuned",
-                                 mode="lines+markers", line=dict(color=color)), row=1, col=1)
+        if all(r.get("miou_finetuned") is not None for r in rs):
+            fig.add_trace(go.Scatter(x=x, y=[r["miou_finetuned"] for r in rs], name=f"{method}, fine-tuned",
+                                     mode="lines+markers", line=dict(color=color)), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=[r["miou_pruned"] for r in rs], name=f"{method}, pruned only",
                                  mode="lines+markers", line=dict(color=color, dash="dot")), row=1, col=1)
         fig.add_trace(go.Scatter(x=[0.0], y=[rs[0]["miou_unpruned"]], name=f"{method}, unpruned",
@@ -132,6 +138,78 @@ def tradeoff_figure(rows: Sequence[Mapping], title: str | None = None) -> go.Fig
     for row, col in ((1, 1), (1, 2), (2, 1), (2, 2)):
         fig.update_xaxes(title_text="prune ratio", row=row, col=col)
     return base_layout(fig, title or "Accuracy and cost against the prune ratio", height=640)
+
+
+def flops_curves_figure(points: Sequence[Mapping], dense: float | None = None, metric: str = "fine-tuned mIoU",
+                        title: str | None = None) -> go.Figure:
+    """Mean ``metric`` against the achieved FLOPs fraction per arm, with 95% intervals over seeds as
+    error bars; ``points`` from :func:`workbench.experiments.pruning_comparison.curve_points`;
+    ``dense``: the dense networks' mean, drawn at FLOPs fraction 1."""
+    if not points:
+        raise ValueError("points is empty: nothing to plot")
+    fig = go.Figure()
+    arms = list(dict.fromkeys(p["arm"] for p in points))
+    for i, arm in enumerate(arms):
+        ps = sorted((p for p in points if p["arm"] == arm), key=lambda p: p["flops_fraction"])
+        fig.add_trace(go.Scatter(
+            x=[p["flops_fraction"] for p in ps], y=[p["mean"] for p in ps], mode="lines+markers",
+            name=ARM_NAMES.get(arm, arm), line=dict(color=METHOD_COLORS.get(arm, PALETTE[i % len(PALETTE)])),
+            error_y=dict(type="data", symmetric=False, array=[p["high"] - p["mean"] for p in ps],
+                         arrayminus=[p["mean"] - p["low"] for p in ps]),
+            customdata=[[p["flops_target"], p["n"]] for p in ps],
+            hovertemplate="target %{customdata[0]}: FLOPs %{x:.3f}<br>%{y:.4f} "
+                          "(%{customdata[1]} seeds)<extra></extra>"))
+    if dense is not None:
+        fig.add_trace(go.Scatter(x=[1.0], y=[dense], mode="markers", name="dense (unpruned)",
+                                 marker=dict(color=PALETTE[0], symbol="star", size=12)))
+    fig.update_xaxes(title_text="FLOPs fraction of the dense network")
+    fig.update_yaxes(title_text=metric)
+    return base_layout(fig, title or f"{metric} against FLOPs (mean over seeds, 95% interval)")
+
+
+def paired_difference_figure(verdicts: Sequence[Mapping], title: str | None = None) -> go.Figure:
+    """Paired difference (treatment - reference) per FLOPs target with its 95% interval, coloured and
+    labelled by the verdict word; ``verdicts`` are :meth:`workbench.recipe.Verdict.to_dict` dicts."""
+    if not verdicts:
+        raise ValueError("verdicts is empty: nothing to plot")
+    fig = go.Figure()
+    for word in dict.fromkeys(v["verdict"] for v in verdicts):
+        vs = [v for v in verdicts if v["verdict"] == word]
+        iv = [v["interval"] for v in vs]
+        fig.add_trace(go.Scatter(
+            x=[v["setting"]["flops_target"] for v in vs], y=[i["mean"] for i in iv], mode="markers+text",
+            name=word, text=[word for _ in vs], textposition="top center",
+            marker=dict(size=11, color=VERDICT_COLORS.get(word, PALETTE[0])),
+            error_y=dict(type="data", symmetric=False, array=[i["high"] - i["mean"] for i in iv],
+                         arrayminus=[i["mean"] - i["low"] for i in iv]),
+            hovertext=[v["sentence"] for v in vs], hoverinfo="text"))
+    fig.add_hline(y=0.0, line=dict(color="black", dash="dash", width=1))
+    first = verdicts[0]
+    fig.update_xaxes(title_text="FLOPs target (fraction of the dense network)")
+    fig.update_yaxes(title_text=f"{first['metric']}: {first['treatment']} - {first['reference']}")
+    return base_layout(fig, title or f"Paired difference {first['treatment']} - {first['reference']} "
+                                     f"({first['interval']['n']} seeds, 95% interval)")
+
+
+def flops_match_figure(rows: Sequence[Mapping], tolerance: float = 0.02, title: str | None = None) -> go.Figure:
+    """Achieved FLOPs fraction against the target for every arm and seed, with the tolerance band."""
+    if not rows:
+        raise ValueError("rows is empty: nothing to plot")
+    fig = go.Figure()
+    targets = sorted({r["flops_target"] for r in rows})
+    fig.add_trace(go.Scatter(x=targets + targets[::-1], y=[t * (1 + tolerance) for t in targets]
+                             + [t * (1 - tolerance) for t in targets[::-1]], fill="toself", mode="none",
+                             fillcolor="rgba(128,128,128,0.2)", name=f"target +- {tolerance:.0%}"))
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in rows)):
+        rs = [r for r in rows if r["arm"] == arm]
+        fig.add_trace(go.Scatter(x=[r["flops_target"] for r in rs], y=[r["flops_fraction"] for r in rs],
+                                 mode="markers", name=ARM_NAMES.get(arm, arm),
+                                 marker=dict(color=METHOD_COLORS.get(arm, PALETTE[i % len(PALETTE)])),
+                                 customdata=[r["seed"] for r in rs],
+                                 hovertemplate="seed %{customdata}: %{y:.4f}<extra></extra>"))
+    fig.update_xaxes(title_text="FLOPs target")
+    fig.update_yaxes(title_text="achieved FLOPs fraction")
+    return base_layout(fig, title or "FLOPs matching: every arm and seed against its target")
 
 
 def _label_colors(num_classes: int) -> np.ndarray:

@@ -176,3 +176,9 @@ def test_ctrl_c_during_sweep_records_the_busy_point_as_interrupted(tmp_path):
     assert results["status"] == "interrupted"
     assert {p["point"]: p["status"] for p in results["points"]} == {"seed=0": "done", "seed=1": "interrupted",
                                                                      "seed=2": "pending"}
+
+
+@NO_CUDA
+@pytest.mark.parametrize("argv", [["bench", "layers", "--device", "cuda"], ["bench", "probes", "--device", "cuda"]])
+def test_bench_on_a_missing_accelerator_is_a_short_error(capsys, argv):
+    _short_error(capsys, cli.main(argv), 2, "CUDA is not available")

@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 
+from workbench.errors import DeviceUnavailableError
 from workbench.params import DEVICE_CHOICES_HELP, PRESETS, parse_cli_value
 
 # `bench all` runs them in this order; pruning last, because on CPU it changes the process's allocator
@@ -273,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(str(exc) if str(exc) and not str(exc).startswith("signal") else "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, DeviceUnavailableError) as exc:
         if debug:
             traceback.print_exc()
         print(explain(exc), file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(exc, ValueError) else EXIT_ENVIRONMENT
+        return EXIT_ENVIRONMENT if isinstance(exc, OSError) else EXIT_BAD_INPUT
     finally:
         if previous is None:
             os.environ.pop(DEBUG_ENV_VAR, None)

@@ -10,6 +10,8 @@ import re
 import numpy as np
 import torch
 
+from workbench.errors import DeviceUnavailableError
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -33,15 +35,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={spec!r} was requested but CUDA is not available on this machine; "
+            raise DeviceUnavailableError(f"device={spec!r} was requested but CUDA is not available on this machine; "
                                "use device='auto' or 'cpu'")
         index = int(spec.split(":")[1]) if ":" in spec else 0
         if index >= torch.cuda.device_count():
-            raise RuntimeError(f"device={spec!r} was requested but only {torch.cuda.device_count()} CUDA "
+            raise DeviceUnavailableError(f"device={spec!r} was requested but only {torch.cuda.device_count()} CUDA "
                                f"device(s) exist (cuda:0..cuda:{torch.cuda.device_count() - 1})")
         return torch.device(spec)
     if spec == "mps" and not _mps_available():
-        raise RuntimeError("device='mps' was requested but MPS is not available; use 'auto' or 'cpu'")
+        raise DeviceUnavailableError("device='mps' was requested but MPS is not available; use 'auto' or 'cpu'")
     return torch.device(spec)
 
 

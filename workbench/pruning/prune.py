@@ -183,6 +183,145 @@ def _names_for(model: nn.Module, layers: Iterable[nn.Module]) -> list[str]:
     return [names[m] for m in layers]
 
 
+@dataclass
+class PrunePlan:
+    """Which channels :func:`apply_plan` cuts from ``model``, as :func:`plan_pruning` chose them.
+
+    ``groups`` holds ``(root module, Torch-Pruning handler, channel indices)`` per group of coupled
+    channels; ``graph`` is the dependency graph of ``model`` they refer to; ``names`` maps the
+    modules to their qualified names.
+    """
+
+    model: nn.Module
+    method: str
+    ratio: float
+    example_inputs: Any
+    graph: Any
+    groups: list[tuple[nn.Module, Callable, list[int]]]
+    threshold: float | None
+    channels_total: int
+    floored: list[nn.Module]
+    ignored: list[nn.Module]
+    couplings: list[list[str]]
+    round_to: int | None
+    names: dict[nn.Module, str]
+
+    @property
+    def channels_pruned(self) -> int:
+        return sum(len(idxs) for _, _, idxs in self.groups)
+
+
+@dataclass
+class PruneCost:
+    """A model's size and cost at one moment: channels per layer, parameters, FLOPs, latency."""
+
+    channels: dict[str, int]
+    params: int
+    flops: dict[str, int]
+    latency_ms: float | None
+    latency_device: str | None
+
+
+def plan_pruning(model: nn.Module, ratio: float, example_inputs: Any, method: str = "slimming", *,
+                 importance: Callable | None = None, inplace: bool = False, min_channels: int = 1,
+                 max_layer_ratio: float = 0.9, ignored_layers: Sequence[nn.Module | str] | None = None,
+                 guidance: dict[str, torch.Tensor] | None = None, attention: dict[str, torch.Tensor] | Any = None,
+                 couplings: Sequence[tuple[nn.Module | str, nn.Module | str]] = (), group_reduction: str = "mean",
+                 customized_pruners: dict | None = None, round_to: int | str | None = None) -> PrunePlan:
+    """Validate, copy ``model`` (unless ``inplace``), rank its channels and choose those to cut.
+
+    Arguments as for :func:`prune`; nothing is cut yet (see :func:`apply_plan`).
+    """
+    ratio = _validate(model, ratio, example_inputs, method, min_channels, max_layer_ratio, importance, round_to)
+    if round_to == "auto":
+        round_to = preferred_round_to(next(model.parameters()).device)
+    # resolve every layer reference on the original, by name, before copying
+    ignored_names = _names_for(model, resolve_layers(model, ignored_layers, "ignored_layers"))
+    coupling_names = _coupling_names(model, couplings)
+    guidance_by_name = _rekey(model, _by_module(model, guidance, "guidance")) if guidance is not None else None
+    attention_by_name = _rekey(model, _by_module(model, attention, "attention")) if isinstance(attention, dict) \
+        else None
+
+    work = model if inplace else copy.deepcopy(model)
+    named = dict(work.named_modules())
+    with preserved_modes(work):
+        attention_by_layer, guidance_by_layer = _scorer_inputs(
+            work, method, example_inputs, attention if attention_by_name is None else attention_by_name,
+            guidance_by_name)
+        graph = build_graph(work, example_inputs, customized_pruners,
+                            [(named[a], named[b]) for a, b in coupling_names])
+        ignored = [named[n] for n in ignored_names]
+        ignored += [h for h in output_heads(graph) if h not in ignored]
+        scorer = importance or EffectiveScaleImportance(
+            attention=attention_by_layer, guidance=guidance_by_layer if method == "cap" else None,
+            group_reduction=group_reduction)
+        groups, threshold, total, floored = _plan(graph, ignored, scorer, ratio, min_channels, max_layer_ratio,
+                                                  round_to)
+    return PrunePlan(model=work, method=method, ratio=ratio, example_inputs=example_inputs, graph=graph,
+                     groups=groups, threshold=threshold, channels_total=total, floored=floored, ignored=ignored,
+                     couplings=coupling_names, round_to=round_to, names=module_names(work))
+
+
+def _coupling_names(model: nn.Module, couplings: Sequence[tuple[nn.Module | str, nn.Module | str]]) -> list[list[str]]:
+    names = []
+    for pair in couplings:
+        if len(pair) != 2:
+            raise ValueError(f"couplings entries must be pairs of layers, got {pair!r}")
+        names.append(_names_for(model, resolve_layers(model, list(pair), "couplings")))
+    return names
+
+
+def _scorer_inputs(work: nn.Module, method: str, example_inputs: Any, attention: Any,
+                   guidance_by_name: dict[str, torch.Tensor] | None) -> tuple[dict | None, dict | None]:
+    """The IEBN mean gates and (for CAP) the CAGM guidance the default importance weighs scales by,
+    keyed by the modules of ``work``: as given (by name), else computed on the data."""
+    named = dict(work.named_modules())
+    if isinstance(attention, dict):
+        attention_by_layer = {named[n]: v for n, v in attention.items()}
+    elif any(is_iebn(m) for m in work.modules()):
+        data = example_inputs if attention is None else attention
+        attention_by_layer = {named[n]: v for n, v in iebn_mean_attention(work, data).items()}
+    else:
+        attention_by_layer = None
+    if guidance_by_name is not None:
+        guidance_by_layer = {named[n]: v for n, v in guidance_by_name.items()}
+    elif method == "cap":
+        from workbench.pruning.cagm import compute_guidance
+
+        guidance_by_layer = {named[n]: v for n, v in compute_guidance(work, example_inputs).items()}
+    else:
+        guidance_by_layer = None
+    return attention_by_layer, guidance_by_layer
+
+
+def apply_plan(plan: PrunePlan) -> nn.Module:
+    """Cut the planned channels out of ``plan.model`` (physically), check it still runs and attach
+    the record :func:`save_pruned` replays; returns the pruned model."""
+    work, graph = plan.model, plan.graph
+    with preserved_modes(work):
+        for root, fn, idxs in plan.groups:
+            group = graph.get_pruning_group(root, fn, idxs)
+            if not graph.check_pruning_group(group):
+                raise RuntimeError(f"pruning {plan.names.get(root, root)} would empty a layer; this is a bug")
+            group.prune()
+        history = [list(h) for h in graph.pruning_history()]
+        _forward_check(work, plan.example_inputs, model_name=type(work).__name__)
+    _record(work, history, plan.example_inputs, plan.couplings)
+    return work
+
+
+def measure_cost(model: nn.Module, example_inputs: Any, *, latency: bool = True, latency_runs: int = 10,
+                 latency_inputs: Any = None) -> PruneCost:
+    """Channels per layer, parameters, FLOPs on ``example_inputs`` and (with ``latency``) the median
+    eval latency of ``latency_runs`` forwards on ``latency_inputs`` (default ``example_inputs``)."""
+    lat_inputs = as_args(latency_inputs if latency_inputs is not None else example_inputs)
+    with preserved_modes(model):
+        return PruneCost(
+            channels=_channels(model), params=count_params(model), flops=count_flops(model, example_inputs),
+            latency_ms=measure_latency(model, lat_inputs, runs=latency_runs) if latency else None,
+            latency_device=str(lat_inputs[0].device) if latency else None)
+
+
 def prune(model: nn.Module, ratio: float, example_inputs: Any, method: str = "slimming", *,
           importance: Callable | None = None, inplace: bool = False, min_channels: int = 1,
           max_layer_ratio: float = 0.9, ignored_layers: Sequence[nn.Module | str] | None = None,
@@ -190,7 +329,8 @@ def prune(model: nn.Module, ratio: float, example_inputs: Any, method: str = "sl
           couplings: Sequence[tuple[nn.Module | str, nn.Module | str]] = (), group_reduction: str = "mean",
           customized_pruners: dict | None = None, round_to: int | str | None = None, latency: bool = True,
           latency_runs: int = 10, latency_inputs: Any = None) -> tuple[nn.Module, PruneReport]:
-    """Prune ``ratio`` of the BN-ranked channels of ``model`` globally and remove them physically.
+    """Prune ``ratio`` of the BN-ranked channels of ``model`` globally and remove them physically:
+    :func:`plan_pruning`, :func:`measure_cost` before, :func:`apply_plan`, :func:`measure_cost` after.
 
     Args:
         model: any Conv/BN network (ours, torchvision's segmentation and classification models...).
@@ -222,83 +362,30 @@ def prune(model: nn.Module, ratio: float, example_inputs: Any, method: str = "sl
         ``(pruned_model, PruneReport)``; the pruned model is in the same train/eval mode as given.
     """
     started = time.perf_counter()
-    ratio = _validate(model, ratio, example_inputs, method, min_channels, max_layer_ratio, importance, round_to)
-    if round_to == "auto":
-        round_to = preferred_round_to(next(model.parameters()).device)
-    # resolve every layer reference on the original, by name, before copying
-    ignored_names = _names_for(model, resolve_layers(model, ignored_layers, "ignored_layers"))
-    coupling_names = []
-    for pair in couplings:
-        if len(pair) != 2:
-            raise ValueError(f"couplings entries must be pairs of layers, got {pair!r}")
-        coupling_names.append(_names_for(model, resolve_layers(model, list(pair), "couplings")))
-    guidance_by_layer = _by_module(model, guidance, "guidance") if guidance is not None else None
-    attention_by_layer = _by_module(model, attention, "attention") if isinstance(attention, dict) else None
+    plan = plan_pruning(model, ratio, example_inputs, method, importance=importance, inplace=inplace,
+                        min_channels=min_channels, max_layer_ratio=max_layer_ratio, ignored_layers=ignored_layers,
+                        guidance=guidance, attention=attention, couplings=couplings,
+                        group_reduction=group_reduction, customized_pruners=customized_pruners, round_to=round_to)
+    cost = {"latency": latency, "latency_runs": latency_runs, "latency_inputs": latency_inputs}
+    before = measure_cost(plan.model, example_inputs, **cost)
+    work = apply_plan(plan)
+    after = measure_cost(work, example_inputs, **cost)
+    return work, _report(plan, before, after, time.perf_counter() - started)
 
-    work = model if inplace else copy.deepcopy(model)
-    named = dict(work.named_modules())
-    if guidance_by_layer is not None:
-        guidance_by_layer = {named[n]: v for n, v in _rekey(model, guidance_by_layer).items()}
-    if attention_by_layer is not None:
-        attention_by_layer = {named[n]: v for n, v in _rekey(model, attention_by_layer).items()}
 
-    with preserved_modes(work):
-        if attention_by_layer is None and any(is_iebn(m) for m in work.modules()):
-            data = example_inputs if attention is None else attention
-            attention_by_layer = {named[n]: v for n, v in iebn_mean_attention(work, data).items()}
-        if method == "cap" and guidance_by_layer is None:
-            from workbench.pruning.cagm import compute_guidance
-
-            guidance_by_layer = {named[n]: v for n, v in compute_guidance(work, example_inputs).items()}
-
-        lat_inputs = as_args(latency_inputs if latency_inputs is not None else example_inputs)
-        before_channels = _channels(work)
-        params_before = count_params(work)
-        flops_before = count_flops(work, example_inputs)
-        lat_before = measure_latency(work, lat_inputs, runs=latency_runs) if latency else None
-
-        graph = build_graph(work, example_inputs, customized_pruners,
-                            [(named[a], named[b]) for a, b in coupling_names])
-        heads = output_heads(graph)
-        ignored = [named[n] for n in ignored_names]
-        ignored += [h for h in heads if h not in ignored]
-        scorer = importance or EffectiveScaleImportance(
-            attention=attention_by_layer, guidance=guidance_by_layer if method == "cap" else None,
-            group_reduction=group_reduction)
-        plan, threshold, total, floored = _plan(graph, ignored, scorer, ratio, min_channels, max_layer_ratio,
-                                                round_to)
-        names = module_names(work)
-        pruned = 0
-        for root, fn, idxs in plan:
-            group = graph.get_pruning_group(root, fn, idxs)
-            if not graph.check_pruning_group(group):
-                raise RuntimeError(f"pruning {names.get(root, root)} would empty a layer; this is a bug")
-            group.prune()
-            pruned += len(idxs)
-        history = [list(h) for h in graph.pruning_history()]
-
-        _forward_check(work, example_inputs, model_name=type(work).__name__)
-        params_after = count_params(work)
-        flops_after = count_flops(work, example_inputs)
-        lat_after = measure_latency(work, lat_inputs, runs=latency_runs) if latency else None
-
-    _record(work, history, example_inputs, coupling_names)
-    after_channels = _channels(work)
-    report = PruneReport(
-        method=method, ratio=ratio, threshold=threshold, channels_total=total, channels_pruned=pruned,
-        params_before=params_before, params_after=params_after,
-        flops_before=flops_before["total"], flops_after=flops_after["total"],
-        flops_detail_before=flops_before, flops_detail_after=flops_after,
-        latency_ms_before=lat_before, latency_ms_after=lat_after,
-        latency_device=str(lat_inputs[0].device) if latency else None,
-        input_shape=list(as_args(example_inputs)[0].shape),
-        layers={n: (c, after_channels.get(n, 0)) for n, c in before_channels.items()},
-        floored_groups=[names.get(m, str(m)) for m in floored],
-        ignored_layers=[names.get(m, str(m)) for m in ignored],
-        seconds=time.perf_counter() - started,
-        round_to=round_to,
-    )
-    return work, report
+def _report(plan: PrunePlan, before: PruneCost, after: PruneCost, seconds: float) -> PruneReport:
+    names = plan.names
+    return PruneReport(
+        method=plan.method, ratio=plan.ratio, threshold=plan.threshold, channels_total=plan.channels_total,
+        channels_pruned=plan.channels_pruned, params_before=before.params, params_after=after.params,
+        flops_before=before.flops["total"], flops_after=after.flops["total"],
+        flops_detail_before=before.flops, flops_detail_after=after.flops,
+        latency_ms_before=before.latency_ms, latency_ms_after=after.latency_ms, latency_device=before.latency_device,
+        input_shape=list(as_args(plan.example_inputs)[0].shape),
+        layers={n: (c, after.channels.get(n, 0)) for n, c in before.channels.items()},
+        floored_groups=[names.get(m, str(m)) for m in plan.floored],
+        ignored_layers=[names.get(m, str(m)) for m in plan.ignored],
+        seconds=seconds, round_to=plan.round_to)
 
 
 def _rekey(model: nn.Module, by_layer: dict[nn.Module, torch.Tensor]) -> dict[str, torch.Tensor]:

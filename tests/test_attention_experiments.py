@@ -197,8 +197,9 @@ def test_stage_grad_norms_match_manual_computation():
     probe.on_fit_start(state)
     probe.on_after_backward(state)
     manual = torch.cat([p.grad.flatten() for p in groups["layer3"]]).norm()
-    assert probe.log[0]["layer3"] == pytest.approx(float(manual), rel=1e-5)
-    assert state.logs["grad_norm/stem"] == probe.log[0]["stem"]
+    assert probe.records[0]["layer3"] == pytest.approx(float(manual), rel=1e-5)
+    assert state.logs["grad_norm/layer3"] == probe.records[0]["layer3"] and "grad_norm/loss" not in state.logs
+    assert state.logs["grad_norm/stem"] == probe.records[0]["stem"]
     steps, series = probe.series()
     assert steps == [0] and set(series) == set(groups)
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.models.segmentation import SEGMENTATION_MODELS
+from workbench.probes import BNScaleProbe
 from workbench.pruning import (
-    BNScaleRecorder,
     BNScaleSparsity,
     CAGSSparsity,
     attach_cagms,
@@ -236,7 +236,7 @@ def test_recorder_and_sparsity_fraction() -> None:
     model = psp()
     with torch.no_grad():
         model.backbone.bn1.weight.zero_()
-    rec = BNScaleRecorder(thresholds=(1e-2,))
+    rec = BNScaleProbe(thresholds=(1e-2,))
     state = state_for(model, None)
     rec.on_fit_start(state)
     state.epoch = 0
@@ -247,6 +247,22 @@ def test_recorder_and_sparsity_fraction() -> None:
     assert rec.records[0]["fraction_below"][1e-2] == pytest.approx(expected)
     assert sparsity_fraction(model, (1e-2,))[1e-2] == pytest.approx(expected)
     assert len(rec.records[1]["scales"]["backbone.bn1"]) == model.backbone.bn1.num_features
+    rec.on_fit_start(state)  # restored records are not measured again
+    assert len(rec.records) == 2
+
+
+def test_bn_scale_probe_epoch_schedule_and_old_name() -> None:
+    import workbench.pruning
+
+    assert workbench.pruning.BNScaleRecorder is BNScaleProbe
+    model = psp()
+    rec = BNScaleProbe(thresholds=(1e-2,), every=[2, 3])
+    state = state_for(model, None)
+    rec.on_fit_start(state)
+    for epoch in range(4):
+        state.epoch = epoch
+        rec.on_epoch_end(state)
+    assert [r["epoch"] for r in rec.records] == [0, 2, 3]
 
 
 def test_proximal_mode_soft_thresholds_after_the_step() -> None:

@@ -29,7 +29,7 @@ from workbench.experiments.attention import MODELS, build, eval_batch, limit_cpu
 from workbench.experiments.dataset_choice import dataset_param
 from workbench.params import COMMON, Param, validate
 from workbench.probes.attention import AttentionRecorder, attention_sites
-from workbench.train import Callback, TrainState
+from workbench.probes.grad_norms import StageGradNorms  # noqa: F401 - also importable from here
 
 CORRELATION_MODES = ("profile", "sample")
 STAB_CONDITIONS = {"no skip": {"skip": False}, "no BN": {"norm": "none"}}
@@ -196,77 +196,6 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradient norms per stage
-
-
-class StageGradNorms(Callback):
-    """Every ``every`` steps, after backward: the L2 norm of the gradient of each stage's parameters
-    (stem, each residual stage with its attention modules, head) and the training loss.
-
-    ``log``: list of ``{"step", "loss", "<stage>": norm, ...}``; the norms also go into
-    ``state.logs`` as ``grad_norm/<stage>``. Norms are reduced on the device and read back once per
-    logged step.
-    """
-
-    STAGE = re.compile(r"^(layer|stage)\d+$")
-
-    def __init__(self, every: int = 1) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r} is not valid; allowed: an int >= 1")
-        self.every = every
-        self.log: list[dict] = []
-        self._groups: dict[str, list[nn.Parameter]] = {}
-
-    def on_fit_start(self, state: TrainState) -> None:
-        self._groups = self.groups(state.model)
-
-    @classmethod
-    def groups(cls, model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        tops = [name for name, _ in model.named_children()]
-        stages = [t for t in tops if cls.STAGE.match(t)]
-        last = tops.index(stages[-1]) if stages else len(tops)
-        groups: dict[str, list[nn.Parameter]] = {}
-        for name, p in model.named_parameters():
-            top = name.split(".")[0]
-            if top in stages:
-                key = top
-            else:
-                # parameters of modules defined before the first stage are the stem, after the last the head
-                key = "head" if stages and top in tops and tops.index(top) > last else "stem"
-            groups.setdefault(key, []).append(p)
-        order = ["stem", *stages, "head"]
-        return {k: groups[k] for k in order if k in groups}
-
-    @torch.no_grad()
-    def on_after_backward(self, state: TrainState) -> None:
-        if state.step % self.every:
-            return
-        names, norms = [], []
-        for stage, params in self._groups.items():
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                names.append(stage)
-                norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        values = torch.stack(norms).cpu().tolist() if norms else []
-        entry = {"step": int(state.step), "loss": float(state.loss.detach())}
-        entry.update(dict(zip(names, values)))
-        self.log.append(entry)
-        state.logs.update({f"grad_norm/{k}": v for k, v in zip(names, values)})
-
-    def series(self) -> tuple[list[int], dict[str, list[float]]]:
-        """Logged steps and stage -> gradient norms at those steps."""
-        steps = [e["step"] for e in self.log]
-        stages = [k for k in self._groups if any(k in e for e in self.log)]
-        return steps, {k: [e.get(k, float("nan")) for e in self.log] for k in stages}
-
-    def state_dict(self) -> dict:
-        return {"log": self.log}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.log = list(state.get("log", []))
-
-
-# ----------------------------------------------------------------------------------------------
 # Stabilisation study
 
 
@@ -297,7 +226,7 @@ def stabilisation_study(model: str = "resnet20", norm: str = "bn", width: float 
                 runs[cond][attention] = {
                     "history": run["history"], "test_acc": run["test_acc"], "diverged": run["diverged"],
                     "params": run["params"], "train_seconds": run["train_seconds"],
-                    "steps": steps, "step_loss": [e["loss"] for e in grad.log], "grad_norms": norms,
+                    "steps": steps, "step_loss": [e["loss"] for e in grad.records], "grad_norms": norms,
                     "epoch_loss": [h["train_loss"] for h in run["history"]],
                 }
     return {"conditions": list(conditions), "attentions": list(attentions), "runs": runs,

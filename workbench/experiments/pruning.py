@@ -45,8 +45,8 @@ from workbench.experiments.attention import limit_cpu_threads
 from workbench.experiments.dataset_choice import dataset_param
 from workbench.nn.norms import is_affine_norm, is_norm
 from workbench.params import COMMON, Param, validate
+from workbench.probes import BNScaleProbe
 from workbench.pruning import (
-    BNScaleRecorder,
     BNScaleSparsity,
     CAGSSparsity,
     bn_scales,
@@ -201,7 +201,7 @@ def _train(net: nn.Module, regime: str, *, epochs: int, lam: float, batch_size: 
     num_classes = train_set.num_classes
     start_checksum = state_checksum(net)
     seed_everything(seed)
-    recorder = BNScaleRecorder(THRESHOLDS)
+    recorder = BNScaleProbe(THRESHOLDS)
     sparsity = _sparsity_callback(regime, lam, sparsity_mode)
     callbacks: list = [recorder] if sparsity is None else [sparsity, recorder]
     opt = make_optimizer(net, optimizer, lr, weight_decay=1e-4)

@@ -1,10 +1,9 @@
 """Write-side instrumentation: batch-statistic noise injection (IEBN's noise attacks).
 
 ``batch_stat_noise`` perturbs the statistics each normalisation layer uses in training mode; the
-mix-dataset attack lives in :mod:`workbench.data.mixed` and is re-exported here.
+mix-dataset attack is a data set and lives in :mod:`workbench.data.mixed`.
 """
 
-from workbench.data.mixed import MixedDataset, ShiftedDataset, mixed_digits, per_source_accuracy
 from workbench.noise.batch_stat import (
     NOISE_KINDS,
     RUNNING_STATS,
@@ -20,12 +19,8 @@ __all__ = [
     "RUNNING_STATS",
     "SCHEDULES",
     "BatchStatNoise",
-    "MixedDataset",
-    "ShiftedDataset",
     "batch_stat_noise",
     "make_schedule",
-    "mixed_digits",
     "normalization_layers",
-    "per_source_accuracy",
     "select_layers",
 ]

@@ -1,11 +1,14 @@
-"""Probe base class: a training callback measuring a named quantity every ``every`` steps, with a
-JSON log that viz can re-plot offline.
+"""Probe base class: the one shape of every measuring training callback. A probe measures a named
+quantity on an injected schedule (``every``: every N steps, a list of steps or a callable, see
+:mod:`workbench.probes.schedule`) and keeps a JSON log that viz can re-plot offline.
 
 A probe subclass implements :meth:`Probe.measure` (returns a dict of plain values, or ``None`` to
 skip) and names the training hook it measures at (``hook``: ``"on_after_backward"`` sees the
 batch and the training gradient before the optimiser step; ``"on_step_end"`` sees the updated
-weights). Every record carries ``step`` and ``epoch``. Scalar values of a record are also written
-into ``state.logs`` (prefixed with the probe's name), so they appear in ``fit``'s step log.
+weights; ``"on_epoch_end"`` sees the model after each epoch, and its schedule counts epochs,
+``1, 2, ...``). Every record carries ``step`` and ``epoch`` (:meth:`Probe.make_record`). Scalar
+values of a record are also written into ``state.logs`` (prefixed with the probe's name), so they
+appear in ``fit``'s step log.
 
 The log is plain JSON: ``{"probe": name, "config": {...}, "records": [{"step":..., ...}, ...]}``.
 With ``path`` set it is written atomically after every epoch and at the end of the fit;
@@ -17,14 +20,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from workbench.callbacks import Callback
 from workbench.io import write_json_atomic
+from workbench.probes.schedule import StepSchedule, as_schedule  # noqa: F401 - StepSchedule re-exported
 
-HOOKS = ("on_after_backward", "on_step_end")
+HOOKS = ("on_after_backward", "on_step_end", "on_epoch_end")
 
 
 def check_every(every: Any) -> int:
@@ -52,10 +57,12 @@ class Probe(Callback):
     name = "probe"
     hook = "on_step_end"
 
-    def __init__(self, every: int = 1, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, every: int | Collection[int] | Callable[[int], bool] = 1,
+                 path: str | os.PathLike | None = None) -> None:
         if self.hook not in HOOKS:
             raise ValueError(f"{type(self).__name__}.hook={self.hook!r} is not valid; allowed: {HOOKS}")
-        self.every = check_every(every)
+        self.schedule = as_schedule(every)
+        self.every = every
         self.path = Path(path) if path is not None else None
         self.records: list[dict] = []
 
@@ -66,38 +73,49 @@ class Probe(Callback):
 
     def config(self) -> dict:
         """Settings written into the log (subclasses extend)."""
-        return {"every": self.every}
+        return {"every": self.schedule.describe()}
 
     # -- schedule ------------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0
+        """Whether the schedule measures at ``step`` (the epoch, ``1, 2, ...``, for epoch probes)."""
+        return self.schedule(step)
 
-    def _maybe_measure(self, state: Any) -> None:
-        if not self.due(int(state.step)):
+    def _maybe_measure(self, state: Any, index: int) -> None:
+        if not self.due(index):
             return
         values = self.measure(state)
         if values is None:
             return
-        record = {"step": int(state.step), "epoch": int(getattr(state, "epoch", 0)), **plain(values)}
+        record = self.make_record(state, values)
         self.records.append(record)
         logs = getattr(state, "logs", None)
         if isinstance(logs, dict):
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    logs[f"{self.name}/{key}"] = value
+            self.log_values(logs, record)
+
+    def make_record(self, state: Any, values: dict) -> dict:
+        """The record kept for one measurement: ``step``, ``epoch`` and the plain ``values``."""
+        return {"step": int(state.step), "epoch": int(getattr(state, "epoch", 0)), **plain(values)}
+
+    def log_values(self, logs: dict, record: dict) -> None:
+        """Copy a record's scalars into ``state.logs`` as ``<name>/<key>``."""
+        for key, value in record.items():
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                logs[f"{self.name}/{key}"] = value
 
     # -- callback protocol ---------------------------------------------------------------------
 
     def on_after_backward(self, state: Any) -> None:
         if self.hook == "on_after_backward":
-            self._maybe_measure(state)
+            self._maybe_measure(state, int(state.step))
 
     def on_step_end(self, state: Any) -> None:
         if self.hook == "on_step_end":
-            self._maybe_measure(state)
+            self._maybe_measure(state, int(state.step))
 
     def on_epoch_end(self, state: Any) -> None:
+        if self.hook == "on_epoch_end":
+            self._maybe_measure(state, int(state.epoch) + 1)
         if self.path is not None:
             self.to_json(self.path)
 

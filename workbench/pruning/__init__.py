@@ -18,7 +18,6 @@ from workbench.pruning.prune import (
 from workbench.pruning.pruners import DIAPruner, PerChannelNormPruner, default_customized_pruners
 from workbench.pruning.serialization import attach_spec, build_from_spec, load_pruned, make_spec, save_pruned
 from workbench.pruning.sparsity import (
-    BNScaleRecorder,
     BNScaleSparsity,
     CAGSSparsity,
     bn_scales,
@@ -28,7 +27,7 @@ from workbench.pruning.sparsity import (
 )
 
 __all__ = [
-    "BNScaleRecorder", "BNScaleSparsity", "CAGM", "CAGMSet", "CAGSSparsity", "DIAPruner",
+    "BNScaleSparsity", "CAGM", "CAGMSet", "CAGSSparsity", "DIAPruner",
     "EffectiveScaleImportance", "FLOPS_TOLERANCE", "METHODS", "PerChannelNormPruner", "PruneCost", "PrunePlan",
     "PruneReport", "apply_plan", "attach_cagms", "attach_spec", "bn_scales", "build_from_spec",
     "check_flops_target", "compute_guidance", "count_flops", "count_params", "default_customized_pruners",
@@ -36,3 +35,14 @@ __all__ = [
     "load_pruned", "make_spec", "measure_cost", "measure_latencies", "measure_latency", "plan_pruning",
     "preferred_round_to", "prune", "prune_to_flops", "save_pruned", "soft_threshold_", "sparsity_fraction",
 ]
+
+
+def __getattr__(name: str):
+    # ``BNScaleRecorder`` was the name of the BN-scale history callback, now the probe
+    # ``workbench.probes.BNScaleProbe``; the old import keeps working (resolved on first use, so this
+    # package does not import the probes at load time).
+    if name == "BNScaleRecorder":
+        from workbench.probes.bn_scales import BNScaleProbe
+
+        return BNScaleProbe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,8 @@
   ``gamma.grad += lam_t * w * sign(gamma)`` with ``w = 2 (1 - a)`` from the CAGM guiding vector ``a``
   at the CAGM sites and ``w = 1`` (plain L1, ``other_bns="l1"``) or ``w = 0`` (``"none"``) at the
   other BNs: the same regulariser, weighted per channel.
-- :class:`BNScaleRecorder`: ``|gamma|`` of every BN at the start and after every epoch, for the
-  histograms and sparsity curves of notebook 04.
+- :func:`bn_scales` / :func:`sparsity_fraction`: ``|gamma|`` of every BN and the share below a
+  threshold (recorded over training by :class:`workbench.probes.BNScaleProbe`).
 
 Two ways to apply the penalty (``mode``):
 
@@ -316,32 +316,3 @@ def sparsity_fraction(scales: dict[str, torch.Tensor] | nn.Module, thresholds: S
         raise ValueError("no BN scales given")
     flat = torch.cat([s.flatten().abs().float() for s in scales.values()])
     return {float(t): float((flat < t).float().mean()) for t in thresholds}
-
-
-class BNScaleRecorder(Callback):
-    """Record ``|gamma|`` of every BN before training and after each epoch (plain lists)."""
-
-    def __init__(self, thresholds: Sequence[float] = (1e-3, 1e-2, 1e-1)) -> None:
-        self.thresholds = tuple(float(t) for t in thresholds)
-        self.records: list[dict] = []
-
-    def _record(self, model: nn.Module, epoch: int) -> None:
-        scales = bn_scales(model)
-        self.records.append({
-            "epoch": epoch,
-            "scales": {n: s.tolist() for n, s in scales.items()},
-            "fraction_below": sparsity_fraction(scales, self.thresholds),
-        })
-
-    def on_fit_start(self, state: TrainState) -> None:
-        if not self.records:
-            self._record(state.model, 0)
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        self._record(state.model, state.epoch + 1)
-
-    def state_dict(self) -> dict:
-        return {"records": self.records}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.records = list(state.get("records", []))

@@ -34,7 +34,7 @@ def scale_histogram_figure(records: Sequence[Mapping], layer: str | None = None,
                            title: str | None = None) -> go.Figure:
     """Histogram of ``|gamma|`` (all BN layers, or ``layer``) with a slider over the recorded epochs.
 
-    ``records`` are :class:`~workbench.pruning.BNScaleRecorder` records
+    ``records`` are :class:`~workbench.probes.BNScaleProbe` records
     (``[{"epoch", "scales": {name: [...]}}]``); the bins are shared by every epoch.
     """
     if not records:

@@ -383,3 +383,92 @@ def test_numbers_are_finite_and_in_range_also_from_a_file(tmp_path):
     (tmp_path / "run.yaml").write_text("lr: 1e-4\nweight_decay: 0\n")
     cfg = load_config(str(tmp_path / "run.yaml"), {})
     assert cfg.lr == 1e-4 and isinstance(cfg.weight_decay, float)
+
+
+def test_multinode_flags_are_checked_before_torchrun_starts(tmp_path, capsys):
+    from workbench.distributed import Launch, worker_argv
+
+    out = tmp_path / "never"
+    for flags, message in [
+        (["--nnodes", "2"], "--rdzv-endpoint is required with --nnodes > 1"),
+        (["--nnodes", "2", "--rdzv-endpoint", "node0"], "--rdzv-endpoint='node0' is not valid"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"], "--node-rank=2 is not valid; "
+                                                                                        "allowed: 0..1"),
+        (["--nnodes", "0"], "--nnodes=0 is not valid"),
+        (["--node-rank", "1"], "need --nnodes > 1"),
+        (["--nnodes", "3", "--rdzv-endpoint", "127.0.0.1:29400", "--batch-size", "16"],
+         "must be divisible by the 3 ranks"),
+    ]:
+        assert main([*COMMON, *flags, "--output", str(out)]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert not out.exists()
+    argv = ["--nnodes", "2", "--epochs", "1", "--node-rank=1", "--rdzv-endpoint", "h:1", "--nproc-per-node", "2"]
+    assert worker_argv(argv) == ["--epochs", "1"], "the launcher's flags do not reach the workers"
+    assert Launch(2, 1).torchrun_args() == ["--standalone", "--nproc-per-node=2"]
+    node1 = Launch(1, 2, 1, "10.0.0.1:29400").torchrun_args()
+    assert "--rdzv-backend=c10d" in node1 and "--rdzv-endpoint=10.0.0.1:29400" in node1
+    assert "--rdzv-conf=is_host=false" in node1 and "--rdzv-conf=is_host=true" in Launch(1, 2, 0, "h:1").torchrun_args()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_nodes(outputs, args, timeout=600):
+    """``workbench train`` once per node, all on 127.0.0.1 with one rank each (gloo, c10d rendezvous
+    hosted by node 0); node ``i`` writes to ``outputs[i]``. Returns the finished processes."""
+    import os
+
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # the ranks' gloo pairs on loopback too
+    procs = [subprocess.Popen([sys.executable, "-m", "workbench.cli", "train", *args, "--nnodes", str(len(outputs)),
+                               "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--output", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank, out in enumerate(outputs)]
+    try:
+        for proc in procs:
+            proc.stdout_text, proc.stderr_text = proc.communicate(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return procs
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_process(tmp_path):
+    """Two torchrun launches (two "nodes" on 127.0.0.1, one gloo rank each, c10d rendezvous) take the
+    same 3 steps as one process with the global batch of 16 and the same seed (BN synchronised; see
+    test_ddp_matches_one_process_and_resumes for the tolerance)."""
+    steps = 3
+    args = [*COMMON, "--norm", "bn", "--max-steps", str(steps)]
+    shared = tmp_path / "shared"
+    procs = _launch_nodes([shared, shared], args)
+    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr_text[-3000:] + procs[1].stderr_text[-3000:]
+    assert main([*args, "--output", str(tmp_path / "single")]) == 0
+    nodes = load_checkpoint(shared / "last.pt")
+    single = load_checkpoint(tmp_path / "single" / "last.pt")
+    assert nodes["step"] == single["step"] == steps
+    for key, value in single["model"].items():
+        torch.testing.assert_close(nodes["model"][key].float(), value.float(), rtol=0, atol=1e-6, msg=key)
+    assert json.loads((shared / "history.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in shared.iterdir()) == ["history.json", "last.pt"], "markers removed"
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_the_output_are_refused(tmp_path):
+    """Each node sees its own folder at --output (two local folders stand for two machines' disks):
+    every rank stops before training, with rank 0 naming the rank it cannot see; nothing is written."""
+    outputs = [tmp_path / "disk0" / "run", tmp_path / "disk1" / "run"]
+    procs = _launch_nodes(outputs, [*COMMON, "--max-steps", "1"])
+    assert [p.returncode for p in procs] == [2, 2]
+    errors = procs[0].stderr_text + procs[1].stderr_text
+    assert "is not one folder shared by every node" in errors and "cannot see the files written there by rank" \
+        in errors, errors[-3000:]
+    assert "Traceback" not in errors, errors[-3000:]
+    assert not outputs[0].exists() and not outputs[1].exists(), "the folders the check made are removed"

@@ -3,7 +3,9 @@
 Every config key is also a command-line flag (``--epochs 5``); a YAML file (``--config run.yaml``)
 gives defaults the flags override. Under ``torchrun`` (or ``--nproc-per-node N``, which launches
 torchrun) the BN family is converted to synchronised statistics (IEBN keeps its attention), each
-rank reads its share of every global batch, and rank 0 alone logs and writes checkpoints.
+rank reads its share of every global batch, and rank 0 alone logs and writes checkpoints. Across nodes,
+the same command runs on each with ``--nnodes``, ``--node-rank`` and ``--rdzv-endpoint`` (torchrun's
+c10d rendezvous; ``--output`` must be a folder every node sees, see :mod:`workbench.distributed`).
 
 Three nested sections add instrumentation (all optional; on the command line each is a YAML flow
 mapping, e.g. ``--noise "{kind: mean, level: 0.5}"``, merged key by key into the file's section;
@@ -61,7 +63,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -72,6 +73,17 @@ import torch
 from torch import nn
 
 from workbench.callbacks import Callback
+from workbench.distributed import (
+    DistInfo,
+    add_multinode_arguments,
+    available_devices,
+    check_shared_output,
+    dist_info_from_env,
+    launch_from_args,
+    run_torchrun,
+    setup_distributed,
+    worker_argv,
+)
 from workbench.params import DEVICE_CHOICES_HELP, Param
 from workbench.train import unwrap
 
@@ -515,60 +527,6 @@ def check_setup(cfg: TrainConfig, world_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-@dataclass
-class DistInfo:
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info_from_env() -> DistInfo:
-    return DistInfo(int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def available_devices(device: str) -> int:
-    """How many processes a node can give one device each: GPUs for CUDA, cores for CPU."""
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.device_count()
-    return os.cpu_count() or 1
-
-
-def setup_distributed(cfg: TrainConfig, info: DistInfo) -> torch.device:
-    from workbench.device import resolve_device
-
-    base = resolve_device(cfg.device)
-    if not info.enabled:
-        return base
-    import torch.distributed as dist
-
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    if base.type == "cuda":
-        if local_world > torch.cuda.device_count():
-            raise ValueError(f"nproc_per_node={local_world} exceeds the {torch.cuda.device_count()} CUDA "
-                             "device(s) of this node")
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return device
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -841,8 +799,9 @@ def train(cfg: TrainConfig) -> dict:
 
     info = dist_info_from_env()
     check_setup(cfg, info.world_size)  # before the process group: a bad config starts nothing
-    device = setup_distributed(cfg, info)
+    device = setup_distributed(cfg.device, info)
     try:
+        check_shared_output(cfg.output, info)  # rank 0 writes checkpoints every rank resumes from
         t = build_training(cfg, info, device)
         out = Path(cfg.output)
         # every rank resumes from the same checkpoint; only rank 0 writes
@@ -886,6 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="launch N data-parallel processes with torchrun (gloo on CPU, NCCL on GPU)")
     spec = config_parameters()
     defaults = TrainConfig()
+    add_multinode_arguments(parser)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in NESTED:
@@ -935,34 +895,17 @@ def _check_nproc(nproc: int, cfg: TrainConfig) -> None:
                          f"(allowed: 1..{available})")
 
 
-def _launch_torchrun(nproc: int, cfg: TrainConfig, argv: list[str]) -> int:
-    rest = []
-    skip = False
-    for arg in argv:  # the launcher's own flag must not reach the workers
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc-per-node":
-            skip = True
-            continue
-        if arg.startswith("--nproc-per-node="):
-            continue
-        rest.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "workbench.train_cli", *rest]
-    return subprocess.call(cmd)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in CONFIG_KEYS}
     try:
         cfg = load_config(args.config, overrides)
-        if args.nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
-            _check_nproc(args.nproc_per_node, cfg)
-            check_setup(cfg, args.nproc_per_node)
-            return _launch_torchrun(args.nproc_per_node, cfg, argv)
+        launch = launch_from_args(args)
+        if launch is not None and "WORLD_SIZE" not in os.environ:
+            _check_nproc(launch.nproc_per_node, cfg)
+            check_setup(cfg, launch.world_size)
+            return run_torchrun(launch, "workbench.train_cli", worker_argv(argv))
         train(cfg)
     except ValueError as exc:
         if os.environ.get(DEBUG_ENV_VAR):

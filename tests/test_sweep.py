@@ -102,7 +102,7 @@ needs_ray = pytest.mark.skipif(ray is None, reason="the ray extra is not install
 
 @pytest.fixture(scope="module")
 def ray_local():
-    yield
+    yield ray
     if ray.is_initialized():
         ray.shutdown()
 
@@ -118,6 +118,74 @@ def test_ray_executor_same_results_shape_isolation_and_resume(ray_local, noteboo
     assert summary["points"][0]["metrics"] == local["points"][0]["metrics"] == {"score": 0.1}
     again = run_sweep(str(notebook), grid, jobs=2, output=str(out), executor="ray", echo=lambda *_: None)
     assert again["points"][0]["duration"] == summary["points"][0]["duration"], "done point not rerun"
+
+
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses of the TCP sockets ``pids`` listen on (from /proc)."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(fields[1].split(":")[0])
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian 32-bit words
+            address = ipaddress.ip_address(words)
+            found.add(str(getattr(address, "ipv4_mapped", None) or address))
+    return found
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+@needs_ray
+def test_local_ray_listens_on_loopback_and_points_get_their_cpus_as_threads(ray_local, tmp_path):
+    """A Ray the sweep starts itself binds every listening socket of every process of it to
+    127.0.0.1; a point's kernel runs torch and BLAS on the CPUs its task asked for."""
+    body = ("import os\nimport torch\nfrom workbench import report\n"
+            "report.record('torch_threads', torch.get_num_threads())\n"
+            "report.record('mkl_threads', int(os.environ.get('MKL_NUM_THREADS', 0)))")
+    nb = write_test_notebook(tmp_path / "threads.ipynb", body, PARAMS)
+    cpus = min(2, os.cpu_count() or 1)
+    summary = run_sweep(str(nb), {"seed": [0]}, output=str(tmp_path / "sweep"), executor="ray",
+                        cpus_per_point=cpus, echo=lambda *_: None)
+    assert summary["points"][0]["metrics"] == {"torch_threads": cpus, "mkl_threads": cpus}
+    ray_pids = _descendants(os.getpid())
+    addresses = _listening_addresses(ray_pids)
+    assert addresses, "the local Ray's processes listen somewhere"
+    assert addresses <= {"127.0.0.1"}, f"a local Ray listens on {addresses}"
+
+
+def test_ray_only_options_are_refused_for_local_sweeps(notebook, tmp_path, capsys):
+    out = tmp_path / "never"
+    for flags, message in [(["--gpus-per-point", "1"], "apply to --executor ray"),
+                           (["--no-gather"], "apply to --executor ray"),
+                           (["--cpus-per-point", "0", "--executor", "ray"], "--cpus-per-point=0 must be")]:
+        assert cli.main(["sweep", str(notebook), "-p", "seed", "0", *flags, "--output", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 @needs_ray

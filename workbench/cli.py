@@ -73,7 +73,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     summary = sweep.run_sweep(args.notebook, _sweep_grid(args.param), jobs=args.jobs, output=args.output,
                               timeout=args.timeout, executor=args.executor, address=args.address,
-                              gpus_per_point=args.gpus_per_point, progress=not args.no_progress)
+                              gpus_per_point=args.gpus_per_point, progress=not args.no_progress,
+                              cpus_per_point=args.cpus_per_point, gather=args.gather)
     return 0 if summary["status"] == "done" else 1
 
 
@@ -177,6 +178,13 @@ def _add_sweep(sub) -> None:
     p.add_argument("--gpus-per-point", type=float, default=0.0, metavar="G",
                    help="GPUs Ray reserves for each point, fractions allowed; ray executor only "
                         "(default: %(default)s)")
+    p.add_argument("--cpus-per-point", type=int, default=None, metavar="C",
+                   help="CPUs Ray reserves for each point, also its kernel's torch/BLAS threads; ray executor only "
+                        "(default: 1)")
+    p.add_argument("--gather", action=argparse.BooleanOptionalAction, default=True,
+                   help="bring each point's files back from its node into --output; --no-gather: points write "
+                        "into --output, which every node must see at the same path; ray executor only "
+                        "(default: gather)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress (points done, elapsed, ETA; a bar on a terminal, lines otherwise)")
     p.set_defaults(func=_cmd_sweep)

@@ -157,8 +157,13 @@ def _refused_point(point_dir: Path, notebook: Path, params: dict, reason: str) -
 
 def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, output: str | None = None,
               timeout: int = DEFAULT_CELL_TIMEOUT, executor: str = "local", address: str | None = None,
-              gpus_per_point: float = 0.0, echo=print, progress: bool = False) -> dict:
+              gpus_per_point: float = 0.0, echo=print, progress: bool = False, cpus_per_point: int | None = None,
+              gather: bool = True) -> dict:
     """Execute every point of ``grid`` (resuming a previous run of the same sweep); return the summary.
+
+    ``executor="ray"`` runs the points as Ray tasks (see :mod:`workbench.ray_executor`), each with
+    ``cpus_per_point`` CPUs (default 1; its torch/BLAS threads) and ``gpus_per_point`` GPUs; with
+    ``gather`` its files come back from its node, without it every node must see ``output``.
 
     ``progress`` shows the points done, the elapsed time and an ETA (:mod:`workbench.progress`).
     Ctrl-C or SIGTERM records the busy points as ``"interrupted"`` in ``results.json`` and raises
@@ -170,17 +175,25 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
         raise ValueError(f"executor={executor!r}; allowed: {EXECUTORS}")
     if gpus_per_point < 0:
         raise ValueError(f"--gpus-per-point={gpus_per_point!r} must be >= 0")
+    if cpus_per_point is not None and (isinstance(cpus_per_point, bool) or not isinstance(cpus_per_point, int)
+                                       or cpus_per_point < 1):
+        raise ValueError(f"--cpus-per-point={cpus_per_point!r} must be an integer >= 1")
+    if executor == "local" and (gpus_per_point or cpus_per_point is not None or not gather):
+        raise ValueError("--gpus-per-point, --cpus-per-point and --no-gather apply to --executor ray; a local sweep "
+                         "divides this machine's cores among its --jobs and runs on its default device")
     if not isinstance(timeout, int) or timeout <= 0:
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
     path = resolve_notebook(notebook)
     grid = normalise_grid(path, {k: list(v) for k, v in grid.items()})
     points, refused = check_grid(path, grid)
+    root = Path(output) if output else default_output(path, grid)
     ray_backend = None
     if executor == "ray":
         from workbench import ray_executor
 
         ray_backend = ray_executor.connect(address)  # fails fast on a bad address, before any work
-    root = Path(output) if output else default_output(path, grid)
+        if not gather:
+            ray_backend.check_shared_folder(root)
     check_writable(root / "points")
     kernel = ensure_kernel()
     write_json_atomic(root / "sweep.json", {"notebook": str(path), "grid": grid})
@@ -200,7 +213,7 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
             continue
         todo.append((pid, params, point_dir))
     skipped = len(points) - len(todo) - len(refused)
-    threads = threads_per_point(jobs) if ray_backend is None else None
+    threads = threads_per_point(jobs) if ray_backend is None else (cpus_per_point or 1)
     echo(f"[workbench] sweep {path.stem}: {len(points)} points, {skipped} already done, "
          f"{len(refused)} refused, {len(todo)} to run with {jobs} job(s)"
          + (f" of {threads} CPU thread(s)" if threads else "") + f" -> {root}")
@@ -235,7 +248,8 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
     started = time.time()
     try:
         if ray_backend is not None:
-            ray_backend.run(todo, path, timeout, kernel, gpus_per_point, jobs, _execute_point, finished)
+            job = ray_executor.PointJob(str(path), path.read_text(), timeout, kernel, threads, gather)
+            ray_backend.run(todo, job, threads, gpus_per_point, jobs, _execute_point, finished)
         else:
             _run_local(todo, path, timeout, kernel, jobs, finished, threads)
     except KeyboardInterrupt:

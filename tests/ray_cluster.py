@@ -74,15 +74,24 @@ class LocalRayCluster:
                    'mount -t tmpfs worker-disk "$0" && exec "$@"', str(hide), *cmd]
         self._start("worker", cmd, {**self.env, **env})
 
-    def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
-        log = open(self.temp / f"{name}.log", "w")  # noqa: SIM115 (kept open by the child)
-        self.nodes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "Ray runtime started" not in self.log(name):
-            if self.nodes[name].poll() is not None or time.monotonic() > deadline:
+    def _start(self, name: str, cmd: list[str], env: dict[str, str], attempts: int = 3) -> None:
+        """Start a node and wait until ``ray start`` says it is up. The raylet gives its dashboard
+        agent 15 s to report its ports and aborts otherwise, which a busy 2-core machine can miss:
+        a node that did not come up is started again, up to ``attempts`` times."""
+        for attempt in range(attempts):
+            log = open(self.temp / f"{name}.log", "w")  # noqa: SIM115 (kept open by the child)
+            self.nodes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                start_new_session=True)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while "Ray runtime started" not in self.log(name):
+                if self.nodes[name].poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            else:
+                return
+            if attempt == attempts - 1:
                 raise RuntimeError(f"ray start ({name}) did not come up:\n{self.log(name)[-3000:]}")
-            time.sleep(1)
+            self.kill_node(name)
 
     def log(self, name: str) -> str:
         return (self.temp / f"{name}.log").read_text(errors="replace")

@@ -2,10 +2,13 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from nbhelpers import write_test_notebook
@@ -273,3 +276,107 @@ def test_sigterm_stops_the_sweep_and_its_kernel_and_resumes(tmp_path):
         time.sleep(0.5)
     assert not started & {pid for _, pid, _ in processes()}, "no worker or kernel outlives the sweep"
     _check_interrupted_then_resumed(nb, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# A real two-node Ray cluster on this machine
+
+CLUSTER_BODY = '''import os, time
+from workbench import report
+node, hold = os.environ.get("TEST_NODE", "head"), os.environ["TEST_HOLD_DIR"]
+if node == "worker":
+    if any(name.startswith("done-") for name in os.listdir(hold)):
+        open(os.path.join(hold, f"held-{seed}"), "w").close()
+        time.sleep(900)  # in progress until the node is stopped
+    open(os.path.join(hold, f"done-{seed}"), "w").close()
+else:  # the head waits (a while) for the worker to finish one point, so that the worker takes a second
+    deadline = time.monotonic() + 120
+    while not any(n.startswith("done-") for n in os.listdir(hold)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+report.record("on_worker", int(node == "worker"))
+report.record("score", seed + lr)'''
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Head and worker (1 CPU each) started with ``ray start``; the worker's view of the test's
+    folders is an empty disk of its own where mount namespaces are available. Every process the
+    cluster started is ended at teardown, which checks that none is left."""
+    from ray_cluster import LocalRayCluster, can_hide_folders
+
+    files = tmp_path_factory.mktemp("cluster")
+    hold = Path(tempfile.mkdtemp(prefix="wbhold-", dir="/tmp"))  # seen by both nodes
+    cluster = LocalRayCluster()
+    cluster.files, cluster.hold, cluster.isolated = files, hold, can_hide_folders()
+    try:
+        cluster.start_head()
+        cluster.start_worker({"TEST_NODE": "worker"}, hide=files if cluster.isolated else None)
+        yield cluster
+    finally:
+        left = cluster.stop()
+        shutil.rmtree(hold, ignore_errors=True)
+        assert not left, f"processes of the test cluster still running: {left}"
+
+
+def _cluster_sweep(cluster, nb, out, *flags, wait=True):
+    cmd = [sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1", "2", "3",
+           "--executor", "ray", "--address", cluster.address, "--jobs", "4", "--output", str(out), *flags]
+    env = {**cluster.env, "TEST_HOLD_DIR": str(cluster.hold)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=600)
+    return stdout, stderr, proc.returncode
+
+
+@needs_ray
+def test_ray_cluster_refuses_no_gather_when_a_node_has_its_own_disk(ray_cluster):
+    if not ray_cluster.isolated:
+        pytest.skip("needs a mount namespace (root and unshare) to give the worker node a disk of its own")
+    nb = write_test_notebook(ray_cluster.files / "cluster.ipynb", CLUSTER_BODY, PARAMS)
+    out = ray_cluster.files / "no-gather"
+    _, err, code = _cluster_sweep(ray_cluster, nb, out, "--no-gather")
+    assert code == 2, err[-3000:]
+    assert "do not see it" in err and "worker" in err, err[-3000:]
+    assert not out.exists()
+
+
+@needs_ray
+def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
+    """4 points over a head and a worker of 1 CPU each: the worker finishes one point and is killed
+    while running its second, which Ray then runs again on the head. Every point's files are in the
+    driver's sweep folder (gathered: the worker sees its own disk where that can be arranged), and
+    the same command run again runs nothing."""
+    nb = write_test_notebook(ray_cluster.files / "cluster.ipynb", CLUSTER_BODY, PARAMS)
+    out = ray_cluster.files / "sweep"
+    proc = _cluster_sweep(ray_cluster, nb, out, wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(p.name.startswith("held-") for p in ray_cluster.hold.iterdir()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the worker node never took a second point"
+            time.sleep(0.5)
+        held = next(p.name for p in ray_cluster.hold.iterdir() if p.name.startswith("held-"))
+        ray_cluster.kill_node("worker")
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["status"] == "done"
+    by_seed = {p["parameters"]["seed"]: p for p in summary["points"]}
+    assert sorted(by_seed) == [0, 1, 2, 3]
+    on_worker = {seed for seed, p in by_seed.items() if p["metrics"]["on_worker"]}
+    assert len(on_worker) == 1, f"one point finished on the worker: {on_worker}"
+    rerun = int(held.split("-")[1])
+    assert rerun not in on_worker, "the point of the dead node ran again on the head"
+    for p in summary["points"]:
+        assert (out / p["output_html"]).exists() and (out / p["output_ipynb"]).exists()
+        assert p["metrics"]["score"] == p["parameters"]["seed"] + 0.1
+    stdout, stderr, code = _cluster_sweep(ray_cluster, nb, out)
+    assert code == 0, stderr[-3000:]
+    assert "4 already done" in stdout and "0 to run" in stdout, stdout
+    assert [p["duration"] for p in json.loads((out / "results.json").read_text())["points"]] == \
+        [p["duration"] for p in summary["points"]]

@@ -9,6 +9,7 @@ finds and ends exactly the processes this cluster started, and nothing else on t
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,7 +50,9 @@ class LocalRayCluster:
         self.temp = Path(tempfile.mkdtemp(prefix="wbray-", dir="/tmp"))
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, TOKEN_VAR: self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+        # Ray's token authentication with a token of this cluster's own, given to every node and driver
+        self.env = {**os.environ, TOKEN_VAR: self.token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.nodes: dict[str, subprocess.Popen] = {}
 
     def _ray(self, name: str, *args: str) -> list[str]:
@@ -58,10 +61,13 @@ class LocalRayCluster:
                        str(free_port())]
         return [str(Path(sys.executable).with_name("ray")), "start", "--node-ip-address", "127.0.0.1",
                 "--node-name", name, "--num-cpus", "1", "--temp-dir", str(self.temp / name),
-                "--disable-usage-stats", *agent_ports, *args, "--block"]
+                "--disable-usage-stats", "--include-log-monitor", "false", *agent_ports, *args, "--block"]
 
     def start_head(self) -> None:
+        # no autoscaler monitor: a fixed cluster needs none, and every Python process started beside
+        # the raylet's dashboard agent slows the agent's start on a small machine
         self._start("head", self._ray("head", "--head", "--port", str(self.port), "--include-dashboard", "false",
+                                      "--no-monitor",
                                       "--dashboard-port", str(free_port()), "--ray-client-server-port",
                                       str(free_port())), self.env)
 

@@ -308,6 +308,7 @@ def ray_cluster(tmp_path_factory):
     hold = Path(tempfile.mkdtemp(prefix="wbhold-", dir="/tmp"))  # seen by both nodes
     cluster = LocalRayCluster()
     cluster.files, cluster.hold, cluster.isolated = files, hold, can_hide_folders()
+    cluster.env["TEST_HOLD_DIR"] = str(hold)  # the kernels inherit their node's environment
     try:
         cluster.start_head()
         cluster.start_worker({"TEST_NODE": "worker"}, hide=files if cluster.isolated else None)
@@ -321,8 +322,7 @@ def ray_cluster(tmp_path_factory):
 def _cluster_sweep(cluster, nb, out, *flags, wait=True):
     cmd = [sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1", "2", "3",
            "--executor", "ray", "--address", cluster.address, "--jobs", "4", "--output", str(out), *flags]
-    env = {**cluster.env, "TEST_HOLD_DIR": str(cluster.hold)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
     if not wait:
         return proc
     stdout, stderr = proc.communicate(timeout=600)
@@ -353,7 +353,7 @@ def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
     try:
         deadline = time.monotonic() + 300
         while not any(p.name.startswith("held-") for p in ray_cluster.hold.iterdir()):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert proc.poll() is None, "".join(proc.communicate())[-3000:]
             assert time.monotonic() < deadline, "the worker node never took a second point"
             time.sleep(0.5)
         held = next(p.name for p in ray_cluster.hold.iterdir() if p.name.startswith("held-"))
@@ -363,7 +363,7 @@ def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 0, (stdout + stderr)[-3000:]
     summary = json.loads((out / "results.json").read_text())
     assert summary["status"] == "done"
     by_seed = {p["parameters"]["seed"]: p for p in summary["points"]}

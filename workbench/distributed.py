@@ -167,14 +167,14 @@ LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint"
 
 def add_multinode_arguments(parser: argparse.ArgumentParser) -> None:
     """``--nnodes``, ``--node-rank`` and ``--rdzv-endpoint`` (``--nproc-per-node`` is the trainer's own)."""
-    parser.add_argument("--nnodes", type=int, default=None,
-                        help="number of nodes: run the same command on each, with its own --node-rank "
-                             "(default 1)")
-    parser.add_argument("--node-rank", type=int, default=None,
-                        help="this node's index, 0..nnodes-1; node 0 hosts the rendezvous at --rdzv-endpoint")
+    parser.add_argument("--nnodes", type=int, default=None, metavar="N",
+                        help="number of nodes; run the same command on each, with its own --node-rank "
+                             "(default: 1)")
+    parser.add_argument("--node-rank", type=int, default=None, metavar="RANK",
+                        help="this node's index, 0..N-1; node 0 hosts the rendezvous at --rdzv-endpoint (default: 0)")
     parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                        help="torchrun's c10d rendezvous on node 0 (HOST is node 0's address), the same on "
-                             "every node; needed with --nnodes > 1")
+                        help="torchrun's c10d rendezvous on node 0 (HOST is node 0's address), the same on every "
+                             "node; required with --nnodes > 1 (default: none)")
 
 
 def launch_from_args(args: argparse.Namespace) -> Launch | None:

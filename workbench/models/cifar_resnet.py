@@ -63,7 +63,12 @@ class _ResidualBlock(nn.Module):
     expansion = 1
     post_activation = True
 
-    def _finish_init(self, out_channels: int, attention: str, se_reduction: int) -> None:
+    def _finish_init(self, inplanes: int, out_channels: int, stride: int, skip: bool,
+                     shortcut_norm_layer: NormLayer | None, attention: str, se_reduction: int) -> None:
+        """The parts after the branch: shortcut (a projection where the shape changes), SE, DIA mark, ReLU."""
+        self.skip = skip
+        needs_projection = skip and (stride != 1 or inplanes != out_channels)
+        self.downsample = _projection(inplanes, out_channels, stride, shortcut_norm_layer) if needs_projection else None
         self.se = SEModule(out_channels, se_reduction) if attention == "se" else None
         # DIA's attention comes from the stage's shared cell; the block only marks where it applies.
         self.attention_probe = AttentionProbe("dia") if attention == "dia" else None
@@ -107,16 +112,12 @@ class BasicBlock(_ResidualBlock):
                  shortcut_norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         bias = is_identity_norm(norm_layer)
-        self.skip = skip
         self.conv1 = _conv(inplanes, planes, 3, stride, bias)
         self.bn1 = norm_layer(planes)
         self.relu1 = nn.ReLU(inplace=False)
         self.conv2 = _conv(planes, planes, 3, 1, bias)
         self.bn2 = norm_layer(planes)
-        needs_projection = skip and (stride != 1 or inplanes != planes)
-        self.downsample = (_projection(inplanes, planes, stride, shortcut_norm_layer or norm_layer)
-                           if needs_projection else None)
-        self._finish_init(planes, attention, se_reduction)
+        self._finish_init(inplanes, planes, stride, skip, shortcut_norm_layer or norm_layer, attention, se_reduction)
 
     def branch(self, x: Tensor) -> Tensor:
         return self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
@@ -136,7 +137,6 @@ class Bottleneck(_ResidualBlock):
         super().__init__()
         bias = is_identity_norm(norm_layer)
         out = planes * self.expansion
-        self.skip = skip
         self.conv1 = _conv(inplanes, planes, 1, 1, bias)
         self.bn1 = norm_layer(planes)
         self.relu1 = nn.ReLU(inplace=False)
@@ -145,10 +145,7 @@ class Bottleneck(_ResidualBlock):
         self.relu2 = nn.ReLU(inplace=False)
         self.conv3 = _conv(planes, out, 1, 1, bias)
         self.bn3 = norm_layer(out)
-        needs_projection = skip and (stride != 1 or inplanes != out)
-        self.downsample = (_projection(inplanes, out, stride, shortcut_norm_layer or norm_layer)
-                           if needs_projection else None)
-        self._finish_init(out, attention, se_reduction)
+        self._finish_init(inplanes, out, stride, skip, shortcut_norm_layer or norm_layer, attention, se_reduction)
 
     def branch(self, x: Tensor) -> Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -172,7 +169,6 @@ class PreActBottleneck(_ResidualBlock):
         super().__init__()
         bias = is_identity_norm(norm_layer)
         out = planes * self.expansion
-        self.skip = skip
         self.bn1 = norm_layer(inplanes)
         self.relu1 = nn.ReLU(inplace=False)
         self.conv1 = _conv(inplanes, planes, 1, 1, bias)
@@ -184,10 +180,8 @@ class PreActBottleneck(_ResidualBlock):
         with_extra_bn = attention == "dia"
         self.conv3 = _conv(planes, out, 1, 1, with_extra_bn and bias)
         self.bn_additional = norm_layer(out) if with_extra_bn else None
-        needs_projection = skip and (stride != 1 or inplanes != out)
         # Pre-activation: the next block's leading norm normalises the sum, the projection has none.
-        self.downsample = _projection(inplanes, out, stride, None) if needs_projection else None
-        self._finish_init(out, attention, se_reduction)
+        self._finish_init(inplanes, out, stride, skip, None, attention, se_reduction)
 
     def branch(self, x: Tensor) -> Tensor:
         out = self.conv1(self.relu1(self.bn1(x)))

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import Dataset
+
 from workbench.callbacks import Callback
 from workbench.io import write_json_atomic
 from workbench.probes.schedule import StepSchedule, as_schedule  # noqa: F401 - StepSchedule re-exported
@@ -49,6 +52,16 @@ def plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
+
+
+def probe_inputs(data: Any, max_samples: int) -> torch.Tensor:
+    """The first ``max_samples`` inputs of ``data`` (a tensor of inputs, or a dataset of ``(x, y)``)
+    as one tensor: the fixed probe set of the probes that measure on held data."""
+    if isinstance(data, torch.Tensor):
+        return data[:max_samples]
+    if isinstance(data, Dataset):
+        return torch.stack([data[i][0] for i in range(min(len(data), max_samples))])
+    raise ValueError(f"data={type(data).__name__} is not valid; allowed: a tensor of inputs or a dataset")
 
 
 class Probe(Callback):

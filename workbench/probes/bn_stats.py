@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from workbench.nn.norms import norm_layers
-from workbench.probes.base import Probe
+from workbench.probes.base import Probe, probe_inputs
 
 DEFAULT_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
 
@@ -139,12 +139,7 @@ class BNEstimationNoise(Probe):
                  n_batches: int = 128, layers: str | Sequence[str] | None = None, max_samples: int = 512,
                  seed: int = 0, path: str | os.PathLike | None = None) -> None:
         super().__init__(every, path)
-        if isinstance(data, Tensor):
-            inputs = data[:max_samples]
-        elif isinstance(data, Dataset):
-            inputs = torch.stack([data[i][0] for i in range(min(len(data), max_samples))])
-        else:
-            raise ValueError(f"data={type(data).__name__} is not valid; allowed: a tensor of inputs or a dataset")
+        inputs = probe_inputs(data, max_samples)
         if inputs.shape[0] < 2:
             raise ValueError(f"data has {inputs.shape[0]} sample(s); allowed: at least 2")
         self.inputs = inputs

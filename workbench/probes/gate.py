@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from workbench.nn.norms import is_iebn, norm_layers
-from workbench.probes.base import Probe
+from workbench.probes.base import Probe, probe_inputs
 from workbench.probes.hooks import HookRecorder
 
 GATE_ENGAGEMENT_THRESHOLD = 0.01
@@ -148,12 +148,7 @@ class GateEngagement(Probe):
     def __init__(self, data: Tensor | Dataset, every: int = 50, max_samples: int = 256,
                  threshold: float = GATE_ENGAGEMENT_THRESHOLD, path: str | os.PathLike | None = None) -> None:
         super().__init__(every, path)
-        if isinstance(data, Tensor):
-            inputs = data[:max_samples]
-        elif isinstance(data, Dataset):
-            inputs = torch.stack([data[i][0] for i in range(min(len(data), max_samples))])
-        else:
-            raise ValueError(f"data={type(data).__name__} is not valid; allowed: a tensor of inputs or a dataset")
+        inputs = probe_inputs(data, max_samples)
         if inputs.dim() != 4 or inputs.shape[0] < 2:
             raise ValueError(f"data gives inputs of shape {tuple(inputs.shape)}; allowed: at least 2 images (C, H, W)")
         self.inputs = inputs

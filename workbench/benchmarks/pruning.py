@@ -63,6 +63,7 @@ from torch import nn
 from workbench.benchmarks import write_results
 from workbench.benchmarks.allocator import ALLOCATORS, apply_allocator
 from workbench.device import resolve_device
+from workbench.nn.norms import is_affine_norm
 
 TARGET_EFFICIENCY = 0.8
 MODES = ("eager", "fold-bn", "compile", "cuda-graph")
@@ -92,7 +93,7 @@ def randomise_scales(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            if is_affine_norm(m):
                 m.weight.copy_(torch.rand(m.num_features, generator=g).to(m.weight) + 0.01)
 
 

@@ -46,6 +46,20 @@ def _replace_children(module: nn.Module, convert: Callable[[str, nn.Module], nn.
             _replace_children(child, convert, name, memo)
 
 
+def _check_module(module: object) -> None:
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module={type(module).__name__} is not valid; allowed: an nn.Module")
+
+
+def _convert_tree(module: nn.Module, convert) -> nn.Module:
+    """``convert`` the root if it converts (its replacement is returned), else every descendant in place."""
+    root = convert("", module)
+    if root is not None:
+        return root
+    _replace_children(module, convert)
+    return module
+
+
 def convert_bn_to_iebn(module: nn.Module, skip: SkipSpec = None) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``module`` (in place) by :class:`IEBN2d` and return it.
 
@@ -56,8 +70,7 @@ def convert_bn_to_iebn(module: nn.Module, skip: SkipSpec = None) -> nn.Module:
     Already-IEBN layers and ``SyncBatchNorm`` are left alone. If ``module`` itself is a BatchNorm2d,
     the new IEBN2d is returned.
     """
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"module={type(module).__name__} is not valid; allowed: an nn.Module")
+    _check_module(module)
     should_skip = _skip_predicate(skip)
 
     def convert(name: str, child: nn.Module) -> nn.Module | None:
@@ -65,11 +78,7 @@ def convert_bn_to_iebn(module: nn.Module, skip: SkipSpec = None) -> nn.Module:
             return IEBN2d.from_batchnorm(child)
         return None
 
-    root = convert("", module)
-    if root is not None:
-        return root
-    _replace_children(module, convert)
-    return module
+    return _convert_tree(module, convert)
 
 
 def _on_cuda(module: nn.Module) -> bool:
@@ -87,8 +96,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
     Use this rather than torch's function on IEBN models: torch's rebuilds every ``_BatchNorm`` as
     a plain ``SyncBatchNorm`` and silently drops ``attn_weight``/``attn_bias``.
     """
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"module={type(module).__name__} is not valid; allowed: an nn.Module")
+    _check_module(module)
 
     def convert(name: str, child: nn.Module) -> nn.Module | None:
         if isinstance(child, SyncIEBN2d | nn.SyncBatchNorm | SyncBatchNorm2d):
@@ -102,8 +110,4 @@ def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup |
             return nn.SyncBatchNorm.convert_sync_batchnorm(child, process_group)
         return None
 
-    root = convert("", module)
-    if root is not None:
-        return root
-    _replace_children(module, convert)
-    return module
+    return _convert_tree(module, convert)

@@ -251,10 +251,7 @@ def test_recorder_and_sparsity_fraction() -> None:
     assert len(rec.records) == 2
 
 
-def test_bn_scale_probe_epoch_schedule_and_old_name() -> None:
-    import workbench.pruning
-
-    assert workbench.pruning.BNScaleRecorder is BNScaleProbe
+def test_bn_scale_probe_epoch_schedule() -> None:
     model = psp()
     rec = BNScaleProbe(thresholds=(1e-2,), every=[2, 3])
     state = state_for(model, None)

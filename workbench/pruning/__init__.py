@@ -36,13 +36,3 @@ __all__ = [
     "preferred_round_to", "prune", "prune_to_flops", "save_pruned", "soft_threshold_", "sparsity_fraction",
 ]
 
-
-def __getattr__(name: str):
-    # ``BNScaleRecorder`` was the name of the BN-scale history callback, now the probe
-    # ``workbench.probes.BNScaleProbe``; the old import keeps working (resolved on first use, so this
-    # package does not import the probes at load time).
-    if name == "BNScaleRecorder":
-        from workbench.probes.bn_scales import BNScaleProbe
-
-        return BNScaleProbe
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

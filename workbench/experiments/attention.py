@@ -339,15 +339,18 @@ def run_attention_study(model: str = "resnet20", norm: str = "iebn", attention: 
                         device: str = "auto", seed: int = 0, num_samples: int = 256,
                         noise_levels: Sequence[float] = (0.0, 0.5, 1.0), noise_samples: int = 128,
                         captum_samples: int = 48, conductance_steps: int = 8, cpu_threads: int | None = None,
-                        progress: bool = True, dataset: str = "digits", **_: Any) -> dict:
+                        progress: bool = True, dataset: str = "digits", callbacks: Sequence[Callback] = (),
+                        **_: Any) -> dict:
     """Train, then measure attention statistics, the shift under batch noise and the agreement with
     captum attributions. Returns plain data plus the trained model (``"model"``). ``cpu_threads``
-    limits torch's CPU threads meanwhile (see :func:`limit_cpu_threads`)."""
+    limits torch's CPU threads meanwhile (see :func:`limit_cpu_threads`); ``callbacks`` (e.g. the
+    gate-engagement probe) go to the training loop."""
     timings: dict[str, float] = {}
     with limit_cpu_threads(cpu_threads, device):
         started = time.perf_counter()
         run = train_classifier(model, norm, attention, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                               image_size=image_size, device=device, seed=seed, progress=progress, dataset=dataset)
+                               image_size=image_size, device=device, seed=seed, progress=progress, dataset=dataset,
+                               callbacks=callbacks)
         timings["train"] = time.perf_counter() - started
         net, dev = run["model"], resolve_device(device)
 

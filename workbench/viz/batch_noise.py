@@ -20,6 +20,10 @@ NORM_COLORS = {"bn": PALETTE[0], "iebn": PALETTE[1], "none": PALETTE[2]}
 NORM_NAMES = {"bn": "BN", "iebn": "IEBN", "none": "no norm"}
 
 
+MIX_ARM_NAMES = {"separate": "single-source batches", "mixed": "mixed batches",
+                 "separate-source-stats": "single-source batches, per-source BN statistics"}
+
+
 def _color(norm: str, i: int = 0) -> str:
     return NORM_COLORS.get(norm, PALETTE[(i + 3) % len(PALETTE)])
 
@@ -251,7 +255,7 @@ def mix_attack_figure(mix: Mapping[str, Mapping], title: str = "Mix-dataset atta
             for source in value:
                 if source != "all" and (arm, source) not in bars:
                     bars.append((arm, source))
-    order = {"alone": 0, "separate": 1, "mixed": 2}
+    order = {"alone": 0, "separate": 1, "separate-source-stats": 2, "mixed": 3}
     bars.sort(key=lambda b: (order.get(b[0], 3), b[1] or ""))
     separate, mixed = _ramp(4, "Blues"), _ramp(4, "Reds")
     fig = go.Figure()
@@ -260,8 +264,8 @@ def mix_attack_figure(mix: Mapping[str, Mapping], title: str = "Mix-dataset atta
             label, color = "first source only (no mixing)", "#7f7f7f"
             values = [mix[n].get("alone", {}) for n in norms]
         else:
-            label = f"{source}: {'single-source batches' if arm == 'separate' else 'mixed batches'}"
-            color = (separate if arm == "separate" else mixed)[1 + i % 3]
+            label = f"{source}: {MIX_ARM_NAMES.get(arm, arm)}"
+            color = (mixed if arm == "mixed" else separate)[1 + i % 3]
             values = [mix[n].get(arm, {}).get(source, {}) for n in norms]
         fig.add_trace(go.Bar(x=[_name(n) for n in norms], y=[v.get("mean") for v in values],
                              error_y=dict(type="data", array=[v.get("std", 0) for v in values]), name=label,
@@ -295,3 +299,60 @@ def accuracy_at_figure(point: Mapping[str, Mapping], level: float, batch_size: i
         fig.update_yaxes(type="log", title_text="train loss", row=1, col=2)
         fig.update_xaxes(title_text="step", row=1, col=2)
     return base_layout(fig, f"Noise level {level:g}, batch size {batch_size}")
+
+
+VERDICT_COLORS = {"supports": "#2ca02c", "contradicts": "#d62728", "inconclusive": "#7f7f7f"}
+
+
+def _verdict_label(verdict: Mapping) -> str:
+    setting = verdict["setting"]
+    if "attack" in setting:
+        return f"{setting['attack']} @ {setting['level']:g}"
+    return ", ".join(f"{k}={v}" for k, v in setting.items()) or verdict["claim"][:30]
+
+
+def paired_difference_figure(verdicts: Sequence[Mapping], title: str = "Paired differences IEBN - BN (95% CI)",
+                             xaxis: str = "paired difference (treatment - reference)") -> go.Figure:
+    """Interval plot: per verdict (``Verdict.to_dict()``) the mean paired difference with its 95%
+    interval, coloured and labelled by the verdict word, and the zero line."""
+    if not verdicts:
+        raise ValueError("verdicts is empty; allowed: at least one Verdict.to_dict()")
+    fig = go.Figure()
+    labels = [_verdict_label(v) for v in verdicts]
+    for label, v in zip(labels, verdicts):
+        iv = v["interval"]
+        fig.add_trace(go.Scatter(
+            x=[iv["mean"]], y=[label], mode="markers+text", text=[v["verdict"]], textposition="top center",
+            marker=dict(size=11, color=VERDICT_COLORS[v["verdict"]]), name=v["verdict"], legendgroup=v["verdict"],
+            showlegend=v["verdict"] not in [t.name for t in fig.data],
+            error_x=dict(type="data", symmetric=False, array=[iv["high"] - iv["mean"]],
+                         arrayminus=[iv["mean"] - iv["low"]], thickness=2),
+            hovertemplate=(f"{label}: %{{x:+.4f}} [{iv['low']:+.4f}, {iv['high']:+.4f}], {iv['n']} seeds; "
+                           f"claim: {v['metric']} {v['direction']}<extra></extra>")))
+    fig.add_vline(x=0, line=dict(color="black", dash="dot"))
+    fig.update_xaxes(title_text=xaxis, zeroline=False)
+    fig.update_yaxes(autorange="reversed")
+    return base_layout(fig, title, height=max(300, 90 + 60 * len(verdicts)))
+
+
+def calibration_figure(calibration: Mapping,
+                       title: str = "Calibration: fraction of clean accuracy BN keeps") -> go.Figure:
+    """Per attack, BN's retained fraction ``acc / clean`` at each candidate level (calibration seed),
+    the 50-90% band shaded and the picked levels circled."""
+    fig = go.Figure()
+    low, high = calibration["band"]
+    fig.add_hrect(y0=low, y1=high, fillcolor="#2ca02c", opacity=0.12, line_width=0,
+                  annotation_text="calibration band", annotation_position="top left")
+    for i, (attack, c) in enumerate(calibration["attacks"].items()):
+        retained = {float(k): v for k, v in c["retained"].items()}
+        levels = sorted(retained)
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=levels, y=[retained[lv] for lv in levels], mode="lines+markers", name=attack,
+                                 line=dict(color=color), hovertemplate=f"{attack}<br>level %{{x:g}}: %{{y:.0%}}"))
+        picked = [float(lv) for lv in c["levels"]]
+        fig.add_trace(go.Scatter(x=picked, y=[retained[lv] for lv in picked], mode="markers", showlegend=False,
+                                 marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(color=color, width=2)),
+                                 hoverinfo="skip"))
+    fig.update_xaxes(title_text="noise level")
+    fig.update_yaxes(title_text="BN accuracy / clean accuracy", tickformat=".0%")
+    return base_layout(fig, f"{title} (seed {calibration['seed']}, clean {calibration['clean_acc']:.3f})")

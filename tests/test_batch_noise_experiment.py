@@ -53,7 +53,8 @@ def result():
     mp = pytest.MonkeyPatch()
     patch(mp)
     params = batch_noise.resolve(dict(preset="quick", device="cpu", seed=0, norms=["bn", "iebn", "none"],
-                                      kind="both", levels=[0.0, 0.5], batch_sizes=[32, 64], seeds=2, epochs=1,
+                                      kind="both", levels=[0.0, 0.5], batch_sizes=[32, 64], seeds=2, mix_seeds=2,
+                                      epochs=1,
                                       lr=0.1, mix_shift="invert", probe_every=2, micro_batches=4))
     try:
         yield batch_noise.run_all(params, progress=False)
@@ -94,9 +95,12 @@ def test_run_all_tidy_results(result):
     assert all(s["n"] == 2 for s in summary)
     assert set(result["grid"]["probes"]) == {"bn", "iebn", "none"}
     assert result["grid"]["probes"]["bn"]["gradient_noise_scale"]["records"][0]["step"] == 0
-    assert set(result["mix"]["bn"]) == {"separate", "mixed", "alone"}
+    assert set(result["mix"]["bn"]) == {"separate", "separate-source-stats", "mixed", "alone"}
     assert set(result["mix"]["bn"]["mixed"]) == {"digits", "digits-invert", "all"}
-    assert len(result["mix_rows"]) == 3 * 1 * 2  # quick preset: one mix seed, two arms
+    # BN and IEBN (no batch statistics to mix without a norm), two seeds, two trained arms + the fair evaluation
+    assert len(result["mix_rows"]) == 2 * 2 * 3
+    assert batch_noise.mix_verdict(result["params"], result["mix_rows"]).verdict in ("supports", "contradicts",
+                                                                                      "inconclusive")
     diag = result["diagnostics"]
     assert set(diag["estimation"]) == {"bn", "iebn"} and set(diag["coupling"]) == {"bn", "iebn", "none"}
     assert max(diag["coupling"]["none"]["gap"]) < 1e-4 < min(diag["coupling"]["bn"]["gap"])
@@ -160,7 +164,7 @@ def test_flat_numbers_and_description(result):
     assert flat["bn_clean_acc"] == numbers["bn"]["clean_acc"]
     assert "iebn_mix_mixed_digits_invert" in flat and "bn_mix_alone" in flat and flat["max_level"] == 0.5
     text = batch_noise.describe(numbers)
-    assert "IEBN loses" in text and "BN: clean" in text
+    assert "IEBN: clean" in text and "BN: clean" in text
 
 
 def test_slider_view(result):

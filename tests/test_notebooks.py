@@ -10,8 +10,9 @@ from workbench import runner
 
 SMALL = {
     "00_quickstart": {"epochs": 1, "width": 0.25},
-    "01_batch_noise": {"norms": ["bn", "iebn", "none"], "levels": [0.0, 1.0], "batch_sizes": [32, 64],
-                       "batch_size": 64, "seeds": 1, "mix_seeds": 1, "mix_epochs": 1, "epochs": 1},
+    "01_batch_noise": {"norms": ["bn", "iebn", "none"], "levels": [0.0, 1.0], "batch_sizes": [64],
+                       "batch_size": 64, "seeds": 2, "mix_seeds": 2, "mix_epochs": 1, "epochs": 1,
+                       "evidence_epochs": 1, "attacks": ["mean"], "calibration_levels": [1.0], "gate_every": 5},
     "02_attention_weights": {"num_samples": 64},
     "03_dia_lstm_interrelations": {"num_samples": 64},
     "04_pruning_sparsity": {"epochs": 1, "sparsity_epochs": 1, "finetune_epochs": 1, "ratios": [0.5], "ratio": 0.5,
@@ -19,7 +20,7 @@ SMALL = {
 }
 KEY_METRICS = {
     "00_quickstart": ("test_acc", "params", "optimizer"),
-    "01_batch_noise": ("key_numbers", "summary"),
+    "01_batch_noise": ("key_numbers", "summary", "evidence", "verdicts", "mix_verdict"),
     "02_attention_weights": ("test_acc", "attention_spread_mean", "attribution_rank_correlation_mean"),
     "03_dia_lstm_interrelations": ("mean_cross_layer_corr", "ablation_test_acc", "stabilisation_test_acc"),
     "04_pruning_sparsity": ("sweep", "rows", "verdicts", "cap_vs_slimming_verdict_0.5"),

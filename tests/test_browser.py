@@ -20,7 +20,8 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 # widget wiring are the notebook's own, only the literals of its parameters cell change.
 SMALL = {
     "01_batch_noise": {"norms": ["bn", "iebn"], "levels": [0.0, 1.0], "batch_sizes": [32, 64], "batch_size": 64,
-                       "seeds": 1, "mix_seeds": 1, "mix_epochs": 1, "epochs": 1},
+                       "seeds": 2, "mix_seeds": 2, "mix_epochs": 1, "epochs": 1, "evidence_epochs": 1,
+                       "attacks": ["mean"], "calibration_levels": [1.0]},
     "04_pruning_sparsity": {"epochs": 1, "sparsity_epochs": 1, "finetune_epochs": 0, "ratios": [0.3, 0.7],
                             "ratio": 0.3, "flops_targets": [0.5]},
 }

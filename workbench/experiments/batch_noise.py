@@ -113,10 +113,13 @@ PRESETS: dict[str, dict[str, Any]] = {
               "batch_sizes": [16, 32], "seeds": 2, "mix_seeds": 2, "epochs": 3, "mix_epochs": 1, "probe_every": 9,
               "cpu_threads": 1, "attacks": EVIDENCE_ATTACKS, "calibration_levels": [0.25, 0.5],
               "levels_per_attack": 1, "evidence_epochs": 2, "gate_every": 15},
-    # standard: the evidence run on 2 CPU cores (about 30 min, one thread): real images (the shipped
-    # Fashion-MNIST subset at 28x28), 3 paired seeds; the grid is context only (one epoch). Too few
-    # steps (2 epochs = 158 at batch 64) for IEBN's gate to become instance-specific: its verdicts
-    # carry the gate warning, and the mechanism needs the full preset.
+    # standard: the evidence run on 2 CPU cores, one thread: real images (the shipped Fashion-MNIST
+    # subset at 28x28, 79 steps per epoch at batch 64), 3 paired seeds; the grid is context only (one
+    # epoch). Cost: about 100 epochs of that subset (grid 15, calibration 14, trial 48, mix 24 over the
+    # doubled set); one IEBN epoch took 24 s with one thread on the 2-core development machine under
+    # load (2026-12-06), so 30-40 min. 2 epochs (158 steps) are likely too few for IEBN's gate to
+    # become instance-specific (750 steps on 48,000 images gave a gate std over samples of 0.006-0.015):
+    # the verdicts then carry the gate warning, and the mechanism needs the full preset.
     "standard": {"dataset": "fashion-mnist", "image_size": 28, "model": "resnet20", "width": 0.5,
                  "levels": [0.0, 0.5], "batch_sizes": [64], "seeds": 3, "mix_seeds": 3, "epochs": 1,
                  "mix_epochs": 1, "probe_every": 20, "cpu_threads": 1, "attacks": EVIDENCE_ATTACKS,

@@ -206,3 +206,19 @@ def test_paired_difference_figure_shows_verdicts():
     assert trace.error_x.array[0] == pytest.approx(verdicts["drop"][0].interval.high - trace.x[0])
     with pytest.raises(ValueError):
         bnviz.paired_difference_figure([])
+
+
+def test_gate_engagement_figure_draws_every_layer_and_the_threshold():
+    from workbench.viz.gate import gate_engagement_figure
+
+    def layer(spread):
+        return {"gate_std": spread * 0.27, "gate_mean": 0.27, "relative_spread": spread, "gap_std": 0.5}
+
+    log = {"records": [{"step": s, "layers": {"a": layer(0.001 * (s + 1)), "b": layer(0.02)}} for s in (0, 10)]}
+    fig = gate_engagement_figure(log)
+    assert len(fig.data) == 3 * 2
+    spread_a = next(t for t in fig.data if t.name == "a" and t.xaxis == "x2")
+    assert list(spread_a.x) == [0, 10] and list(spread_a.y) == [0.001, 0.011]
+    assert any(shape.y0 == 0.01 for shape in fig.layout.shapes)
+    with pytest.raises(ValueError, match="no records"):
+        gate_engagement_figure({"records": []})

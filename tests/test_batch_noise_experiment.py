@@ -67,7 +67,7 @@ def test_resolve_fills_preset_and_refuses_bad_values():
                                  mix_shift="color", micro_batches=4))
     assert p["dataset"] == "digits" and p["model"] == "resnet20" and p["batch_size"] == max(p["batch_sizes"])
     assert p["levels"] == sorted(p["levels"]) and p["levels"][0] == 0.0
-    with pytest.raises(ValueError, match=r"norms=\['bn', 'layer'\].*allowed"):
+    with pytest.raises(ValueError, match=r"norms.*'layer'.*allowed"):
         batch_noise.resolve(dict(preset="quick", norms=["bn", "layer"], kind="mean", lr=0.1, mix_shift="invert",
                                  micro_batches=4))
     with pytest.raises(ValueError, match=r"kind='gauss'"):

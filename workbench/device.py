@@ -6,11 +6,13 @@ import contextlib
 import os
 import random
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from workbench.errors import DeviceUnavailableError
+from workbench.params import AMP_CHOICES
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -69,9 +71,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     return generator
 
 
-AMP_CHOICES = ("off", "bf16", "fp16", "auto")
-
-
 def autocast_dtype(device: torch.device, amp: str | bool | None) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or ``None`` when autocast is off.
 
@@ -90,6 +89,9 @@ def autocast_dtype(device: torch.device, amp: str | bool | None) -> torch.dtype 
         return None if amp == "auto" else _raise_amp(device, amp)
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"amp='bf16' needs a GPU with bfloat16 support, {describe_device(device)} has none; "
+                         "allowed here: 'fp16', 'auto' (fp16 on this GPU), 'off'")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -103,6 +105,52 @@ def autocast(device: torch.device, amp: str | bool | None = "auto"):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How training runs on its device: the autocast precision, the memory format, compilation.
+
+    ``amp`` is resolved (``"off"``, ``"bf16"`` or ``"fp16"``, never ``"auto"``); the fields are what
+    :func:`workbench.train.fit` and :func:`workbench.train.evaluate` take.
+    """
+
+    amp: str
+    channels_last: bool
+    compile: bool
+
+    def options(self) -> dict:
+        """``{"amp", "channels_last", "compile"}``: keyword arguments of ``fit`` (``evaluate`` takes the
+        first two)."""
+        return {"amp": self.amp, "channels_last": self.channels_last, "compile": self.compile}
+
+    def __str__(self) -> str:
+        return (f"{'fp32' if self.amp == 'off' else self.amp + ' autocast'}, "
+                f"{'channels_last' if self.channels_last else 'contiguous'}, "
+                f"{'compiled' if self.compile else 'eager'}")
+
+
+def resolve_acceleration(device: str | torch.device, amp: str = "auto", channels_last: bool | None = None,
+                         compile: bool = False) -> Acceleration:
+    """The device's defaults for what is left at ``"auto"`` / ``None``, and a ``ValueError`` naming the
+    parameter for what cannot apply, before any work starts.
+
+    Defaults: on CUDA, bf16 autocast (fp16 on a GPU without bf16) and channels_last, the layout the
+    tensor cores' convolutions run in; elsewhere fp32 and the contiguous layout (CPU autocast changes
+    numerics and gains little). Refused: ``amp`` ``"bf16"``/``"fp16"`` without CUDA, ``"bf16"`` on a
+    GPU without bf16. ``channels_last=True`` is allowed everywhere (every layer of the workbench runs
+    in it, the CPU included, where it only costs layout conversions); ``compile`` is never implied.
+    """
+    device = resolve_device(device)
+    dtype = autocast_dtype(device, amp)
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last={channels_last!r} is not valid; allowed: None (the device's default: on "
+                         "with CUDA, off elsewhere), True, False")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile={compile!r} is not valid; allowed: True, False")
+    names = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return Acceleration(amp=names[dtype], channels_last=device.type == "cuda" if channels_last is None
+                        else channels_last, compile=compile)
 
 
 def describe_device(device: torch.device) -> str:

@@ -98,12 +98,23 @@ def _check_type(name: str, value: Any, expected: type, param: Param) -> Any:
 
 PRESETS = ("quick", "full")
 DEVICE_CHOICES_HELP = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+AMP_CHOICES = ("off", "bf16", "fp16", "auto")  # autocast precision; "auto": bf16 on CUDA, off elsewhere
 
 # Parameters every notebook shares.
 COMMON = {
     "preset": Param(str, choices=PRESETS, help="quick: minutes on 2 CPU cores; full: paper-sized runs"),
     "device": Param(str, help=DEVICE_CHOICES_HELP),
     "seed": Param(int, min=0, help="seed of the weights, the batch order and the noise draws"),
+}
+
+
+# How a notebook's training runs on its device (resolved by workbench.device.resolve_acceleration).
+ACCELERATION = {
+    "amp": Param(str, choices=AMP_CHOICES, help="autocast: 'auto' is bf16 on CUDA and off elsewhere; "
+                                                 "'bf16'/'fp16' need CUDA"),
+    "channels_last": Param(bool, nullable=True, help="channels-last memory format; None: on with CUDA, "
+                                                     "off elsewhere"),
+    "compile": Param(bool, help="train the forward through torch.compile"),
 }
 
 

@@ -62,6 +62,7 @@ class NotebookSpec:
     path: Path
     defaults: dict
     spec: dict[str, Param]
+    presets: dict = field(default_factory=dict)  # the experiment module's PRESETS: preset -> its values
 
     @property
     def name(self) -> str:
@@ -88,14 +89,17 @@ def load_spec(path: Path) -> NotebookSpec:
     except ValueError as exc:
         raise ValueError(f"{path.name}: {exc}") from exc
     spec: dict[str, Param] = dict(COMMON)
+    presets: dict = {}
     module_name = nb.metadata.get("workbench", {}).get("experiment")
     if module_name:
-        spec.update(getattr(importlib.import_module(module_name), "PARAMETERS", {}))
+        module = importlib.import_module(module_name)
+        spec.update(getattr(module, "PARAMETERS", {}))
+        presets = getattr(module, "PRESETS", {})
     for name, value in defaults.items():
         # a user's own notebook declares nothing: its defaults' types are the spec
         if name not in spec:
             spec[name] = Param(type(value) if value is not None else object, nullable=True)
-    return NotebookSpec(path=path, defaults=defaults, spec={k: spec[k] for k in defaults})
+    return NotebookSpec(path=path, defaults=defaults, spec={k: spec[k] for k in defaults}, presets=presets)
 
 
 def plan_parameters(specs: Sequence[NotebookSpec], overrides: Mapping[str, Any]) -> dict[str, dict]:
@@ -116,8 +120,44 @@ def plan_parameters(specs: Sequence[NotebookSpec], overrides: Mapping[str, Any])
         effective = validate({**s.defaults, **mine}, s.spec, where=s.name)
         if "device" in effective:
             check_device_available(effective["device"], where=s.name)
+            check_acceleration(effective, where=s.name)
+        check_data(effective, s.presets, where=s.name)
         plan[s.name] = validate(mine, s.spec, where=s.name)
     return plan
+
+
+def check_acceleration(values: Mapping[str, Any], where: str = "notebook") -> None:
+    """``amp`` / ``channels_last`` / ``compile`` the notebook's device cannot run (bf16 autocast on a
+    machine without CUDA) are refused here, before a kernel starts, with the notebook's own message."""
+    if not any(k in values for k in ("amp", "channels_last", "compile")):
+        return
+    from workbench.device import resolve_acceleration
+
+    try:
+        resolve_acceleration(values["device"], values.get("amp", "auto"), values.get("channels_last"),
+                             values.get("compile", False))
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def check_data(values: Mapping[str, Any], presets: Mapping[str, Any], where: str = "notebook") -> None:
+    """The files of the dataset the notebook will read (``dataset``, or its preset's when ``None``) must
+    be on disk: CIFAR and Cityscapes are checked without loading, so a ``full`` preset without its data
+    is refused before a kernel starts, with the missing path and the expected layout."""
+    if "dataset" not in values:
+        return
+    dataset = values["dataset"]
+    preset = values.get("preset", "quick")
+    if dataset is None:
+        dataset = presets.get(preset, {}).get("dataset")
+    if dataset is None:
+        return
+    from workbench.experiments.dataset_choice import check_preset_data
+
+    try:
+        check_preset_data(dataset, preset)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def check_device_available(device: Any, where: str = "notebook") -> None:

@@ -30,6 +30,8 @@ from workbench.runner import (
     INTERRUPTED,
     NotebookResult,
     RunInterrupted,
+    check_acceleration,
+    check_data,
     check_device_available,
     ensure_kernel,
     execute_notebook,
@@ -96,6 +98,10 @@ def check_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> tuple[list[
         try:
             for name, value in params.items():
                 spec.spec[name].check(name, value)
+            effective = {**spec.defaults, **params}  # what the point's notebook will resolve
+            if "device" in effective:
+                check_acceleration(effective, where=notebook.stem)
+            check_data(effective, spec.presets, where=notebook.stem)
         except ValueError as exc:
             refused[point_id(params)] = str(exc)
     return points, refused

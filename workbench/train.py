@@ -145,23 +145,27 @@ def metrics_from_confusion(conf: torch.Tensor, task: str) -> dict:
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "auto",
              task: str = "classification", num_classes: int | None = None, ignore_index: int = 255,
              loss_fn: Callable | None = None, amp: str | bool = "off",
-             return_confusion: bool = False, progress: bool = False) -> dict:
+             return_confusion: bool = False, progress: bool = False, channels_last: bool = False) -> dict:
     """Top-1 accuracy (classification) or pixel accuracy, mIoU and per-class IoU (segmentation).
 
     The confusion matrix is accumulated over the whole split before IoU is taken, as the
-    Cityscapes benchmark does; pixels labelled ``ignore_index`` are skipped.
+    Cityscapes benchmark does; pixels labelled ``ignore_index`` are skipped. ``amp`` and
+    ``channels_last`` as in :func:`fit` (``channels_last`` also converts the model's parameters).
     """
     _check_task(task)
     device = resolve_device(device)
     loss_fn = loss_fn or default_loss_fn(task, ignore_index)
     was_training = model.training
     model.eval()
+    _check_channels_last(channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     dtype = autocast_dtype(device, amp)
     conf = None
     loss_sum, count = 0.0, 0
     try:
         for inputs, targets in _progress(loader, progress, "eval"):
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            inputs, targets = _to_device(inputs, device, channels_last), targets.to(device, non_blocking=True)
             with _autocast(device, dtype):
                 outputs = model(inputs)
             logits = _match_size(main_output(outputs), targets).float()
@@ -251,7 +255,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
         loss_fn: Callable | None = None,
         ignore_index: int = 255, aux_weight: float = 0.4, num_classes: int | None = None,
         grad_clip: float | None = None, max_steps: int | None = None, progress: bool = True,
-        log_every: int = 1, compile: bool = False) -> FitResult:
+        log_every: int = 1, compile: bool = False, channels_last: bool = False) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; validate after each when ``val_loader`` is given.
 
     ``scheduler`` steps once per epoch (``scheduler_interval="epoch"``) or per optimiser step
@@ -266,10 +270,16 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
     compile); callbacks, checkpoints, validation and :class:`FitResult` see the plain ``model``, and
     hooks added or removed on it during training reach the compiled graph (dynamo's hook guards are
     turned on, :func:`workbench.nn.compiled.watch_hooks`).
+
+    ``amp``: autocast precision (see :func:`workbench.device.autocast_dtype`; fp16 runs with a gradient
+    scaler). ``channels_last``: the model's parameters and every 4-d input batch in the channels-last
+    memory format (the layout of the tensor cores' convolutions); validation runs in it too.
+    :func:`workbench.device.resolve_acceleration` gives the device's defaults for all three.
     """
     _check_task(task)
     if not isinstance(compile, bool):
         raise ValueError(f"compile={compile!r} is not valid; allowed: True, False")
+    _check_channels_last(channels_last)
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs={epochs!r} must be a non-negative integer")
     if scheduler_interval not in ("epoch", "step"):
@@ -279,6 +289,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
     device = resolve_device(device)
     amp_dtype = autocast_dtype(device, amp)
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = optimizer or default_optimizer(model)
     loss_fn = loss_fn or default_loss_fn(task, ignore_index, aux_weight)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -303,7 +315,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
         loss_sum, correct, seen, samples = 0.0, 0, 0, 0
         bar = _progress(train_loader, progress, f"epoch {epoch + 1}/{epochs}")
         for inputs, targets in bar:
-            state.inputs = inputs.to(device, non_blocking=True)
+            state.inputs = _to_device(inputs, device, channels_last)
             state.targets = targets.to(device, non_blocking=True)
             state.logs = {}
             for cb in callbacks:
@@ -350,7 +362,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = 
         if val_loader is not None:
             # the bare module: evaluation is local and must not enter DDP's collective forward (it runs eagerly)
             metrics = evaluate(unwrap(model), val_loader, device, task=task, num_classes=num_classes,
-                               ignore_index=ignore_index, loss_fn=loss_fn, amp=amp)
+                               ignore_index=ignore_index, loss_fn=loss_fn, amp=amp, channels_last=channels_last)
             record.update({f"val_{k}": v for k, v in metrics.items() if k != "per_class_iou"})
         state.history.append(record)
         if scheduler is not None and scheduler_interval == "epoch":
@@ -400,6 +412,17 @@ def _set_epoch(loader: Iterable, epoch: int) -> None:
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not valid; allowed: {TASKS}")
+
+
+def _check_channels_last(channels_last: bool) -> None:
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last={channels_last!r} is not valid; allowed: True, False")
+
+
+def _to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    if channels_last and inputs.dim() == 4:
+        return inputs.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return inputs.to(device, non_blocking=True)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

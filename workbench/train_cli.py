@@ -122,8 +122,8 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     augment: bool = True
-    amp: str = "off"
-    channels_last: bool = False
+    amp: str = "auto"  # bf16 on CUDA, off elsewhere (workbench.device.resolve_acceleration)
+    channels_last: bool | None = None  # None: on with CUDA, off elsewhere
     compile: bool = False  # train through torch.compile (see workbench.train.fit)
     seed: int = 0
     device: str = "auto"
@@ -179,8 +179,10 @@ def config_parameters() -> dict[str, Param]:
                                                              "the learning rate by --gamma"),
         "gamma": Param(float, min=0.0, min_open=True, max=1.0, help="factor of each 'step' schedule milestone"),
         "augment": Param(bool, help="random crops (and flips, where the data allows) of the training images"),
-        "amp": Param(str, choices=AMP_CHOICES, help="mixed precision (autocast); fp16/bf16 need CUDA"),
-        "channels_last": Param(bool, help="channels-last memory format"),
+        "amp": Param(str, choices=AMP_CHOICES, help="mixed precision (autocast): auto is bf16 on CUDA and off "
+                                                     "elsewhere; fp16/bf16 need CUDA"),
+        "channels_last": Param(bool, nullable=True, help="channels-last memory format (None: on with CUDA, off "
+                                                         "elsewhere)"),
         "compile": Param(bool, help="train the forward through torch.compile"),
         "seed": Param(int, min=0, help="seed of the weights, the batch order and the noise draws"),
         "device": Param(str, help=f"{DEVICE_CHOICES_HELP}; cuda without a CUDA device is refused"),
@@ -435,9 +437,18 @@ def _check(cfg: TrainConfig) -> None:
         setattr(cfg, name, param.check(name, value))
     try:
         resolve_device(cfg.device)
+        acceleration(cfg)  # bf16/fp16 autocast without CUDA is refused here, before anything starts
     except RuntimeError as exc:  # an accelerator that is not there
         raise ValueError(str(exc)) from None
     _check_nested(cfg)
+
+
+def acceleration(cfg: TrainConfig, device: torch.device | None = None) -> Any:
+    """``cfg``'s amp / channels_last / compile resolved for ``device`` (default: ``cfg.device``), as
+    :func:`workbench.device.resolve_acceleration` gives them."""
+    from workbench.device import resolve_acceleration
+
+    return resolve_acceleration(cfg.device if device is None else device, cfg.amp, cfg.channels_last, cfg.compile)
 
 
 def check_batch_size(cfg: TrainConfig, train_size: int) -> None:
@@ -474,7 +485,7 @@ def check_setup(cfg: TrainConfig, world_size: int) -> None:
                 if not distributed and method == "ddp":
                     raise ValueError("method='ddp' is not valid in one process (it needs ranks); allowed: 'auto', "
                                      "'micro', 'two_batch'")
-                if distributed and cfg.amp == "fp16":
+                if distributed and acceleration(cfg).amp == "fp16":
                     raise ValueError("the DDP estimator is not valid with amp='fp16' (loss-scaled gradients); "
                                      "allowed: amp 'off', 'bf16'")
                 if not distributed:
@@ -579,7 +590,7 @@ def build_training(cfg: TrainConfig, info: DistInfo, device: torch.device):
         from workbench.nn import convert_sync_batchnorm
 
         model = convert_sync_batchnorm(model)
-    if cfg.channels_last:
+    if acceleration(cfg, device).channels_last:
         model.to(memory_format=torch.channels_last)
     if info.enabled:
         sampler = DistributedEpochSampler(len(train_set), cfg.batch_size, info.world_size, info.rank, seed=cfg.seed)
@@ -803,14 +814,15 @@ def train(cfg: TrainConfig) -> dict:
     try:
         check_shared_output(cfg.output, info)  # rank 0 writes checkpoints every rank resumes from
         t = build_training(cfg, info, device)
+        accel = acceleration(cfg, device)
         out = Path(cfg.output)
         # every rank resumes from the same checkpoint; only rank 0 writes
         try:
             result = fit(t.model, t.train_loader, t.test_loader if info.is_main else None, cfg.epochs,
                          optimizer=t.optimizer, scheduler=t.scheduler, scheduler_interval=t.interval, device=device,
-                         amp=cfg.amp, checkpoint_dir=str(out), resume=cfg.resume, write_checkpoints=info.is_main,
+                         checkpoint_dir=str(out), resume=cfg.resume, write_checkpoints=info.is_main,
                          task=t.task, max_steps=cfg.max_steps, progress=cfg.progress and info.is_main,
-                         callbacks=t.callbacks, compile=cfg.compile)
+                         callbacks=t.callbacks, **accel.options())
         finally:
             for cb in t.callbacks:  # hooks and patches go, also when training raised
                 for target in (cb, getattr(cb, "callback", None)):
@@ -819,7 +831,8 @@ def train(cfg: TrainConfig) -> dict:
                     if callable(remove):
                         remove()
         logs = {cb.name: str(cb.path) for cb in t.callbacks if getattr(cb, "path", None) is not None}
-        summary = {"config": dataclasses.asdict(cfg), "world_size": info.world_size, "history": result.history,
+        summary = {"config": dataclasses.asdict(cfg), "acceleration": accel.options(),
+                   "world_size": info.world_size, "history": result.history,
                    "step_log": result.step_log, "probe_logs": logs}
         if info.is_main:
             write_json_atomic(out / "history.json", summary)

@@ -17,12 +17,22 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ._validate import check_choice
-from .cifar import CIFAR_MEAN, CIFAR_SPLITS, CIFAR_STD, CIFARDataset, cifar_layout, cifar_transform
+from .cifar import (
+    CIFAR_MEAN,
+    CIFAR_SPLITS,
+    CIFAR_STD,
+    CIFARDataset,
+    check_cifar_files,
+    cifar_layout,
+    cifar_transform,
+)
 from .cityscapes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_LAYOUT,
     CITYSCAPES_SPLITS,
     CityscapesDataset,
+    cityscapes_dir,
+    cityscapes_pairs,
     label_id_to_train_id,
 )
 from .digits import DIGITS_CLASSES, DIGITS_SPLITS, DigitsDataset, digit_split
@@ -219,7 +229,22 @@ def get_dataset(name: str, split: str, root: str | os.PathLike[str] | None = Non
     return info.builder(split, resolve_root(root), **options)
 
 
+def check_data_files(name: Any, splits: tuple[str, ...] | None = None,
+                     root: str | os.PathLike[str] | None = None) -> None:
+    """Raise ``FileNotFoundError`` naming the first missing path and the expected on-disk layout when
+    the files of CIFAR-10/100 or Cityscapes are not under ``root`` (default as in :func:`get_dataset`),
+    without loading any of them; other datasets (embedded, registered, folders) pass. ``splits``
+    defaults to the ones experiments read: train and test (CIFAR), train and val (Cityscapes)."""
+    if name in ("cifar10", "cifar100"):
+        for split in splits or CIFAR_SPLITS:
+            check_cifar_files(name, split, resolve_root(root))
+    elif name == "cityscapes":
+        for split in splits or ("train", "val"):
+            cityscapes_pairs(cityscapes_dir(resolve_root(root)), split)
+
+
 __all__ = [
+    "check_data_files",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "CITYSCAPES_CLASSES",

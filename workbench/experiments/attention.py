@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from workbench.data import accepted_options, get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
-from workbench.experiments.dataset_choice import dataset_param
-from workbench.params import COMMON, Param, validate
+from workbench.experiments.acceleration import resolve_params_acceleration
+from workbench.experiments.dataset_choice import dataset_param, fill_preset_dataset
+from workbench.params import ACCELERATION, COMMON, Param, validate
 from workbench.probes.attention import AttentionRecorder, AttentionStats, collect_attention, resolve_sites
 from workbench.train import Callback, NonFiniteLossError, default_optimizer, evaluate, fit
 
@@ -33,7 +34,9 @@ ATTRIBUTION_METHODS = ("gradcam", "conductance")
 
 PARAMETERS = {
     **COMMON,
-    "dataset": dataset_param("classification"),
+    **ACCELERATION,
+    "dataset": dataset_param("classification", nullable=True,
+                             help="None: the preset's (digits / cifar100); or a registered name or a folder path"),
     "model": Param(str, choices=MODELS, help="CIFAR ResNet compared across the attention variants"),
     "norm": Param(str, choices=NORMS, help="normalisation of every variant"),
     "attention": Param(str, choices=ATTENTIONS, help="attention variant shown in the detail views"),
@@ -42,9 +45,9 @@ PARAMETERS = {
 }
 
 PRESETS = {
-    "quick": dict(width=0.5, image_size=16, epochs=8, batch_size=64, lr=0.1, cpu_threads=1,
+    "quick": dict(dataset="digits", width=0.5, image_size=16, epochs=8, batch_size=64, lr=0.1, cpu_threads=1,
                   noise_levels=[0.0, 0.25, 0.5, 1.0, 2.0], noise_samples=128, captum_samples=48, conductance_steps=8),
-    "full": dict(width=1.0, image_size=32, epochs=60, batch_size=128, lr=0.1, cpu_threads=None,
+    "full": dict(dataset="cifar100", width=1.0, image_size=32, epochs=60, batch_size=128, lr=0.1, cpu_threads=None,
                  noise_levels=[0.0, 0.1, 0.25, 0.5, 1.0, 2.0], noise_samples=512, captum_samples=256,
                  conductance_steps=32),
 }
@@ -63,12 +66,15 @@ def default_layer(sites: Sequence[str]) -> str:
 
 def resolve(params: dict[str, Any]) -> dict[str, Any]:
     """Validate the notebook's parameters, check the model has attention sites and that ``layer``
-    is one of them, and fill what the preset decides."""
+    is one of them, and fill what the preset and the device decide (a preset whose data is absent and
+    acceleration the device cannot run are refused here, before any training)."""
     params = validate(params, PARAMETERS, where="02_attention_weights")
     if params["norm"] != "iebn" and params["attention"] == "none":
         raise ValueError(f"norm={params['norm']!r} with attention='none' has no attention sites; allowed: "
                          "norm='iebn' and/or attention='se' or 'dia'")
-    params.update(PRESETS[params["preset"]])
+    params.update({k: v for k, v in PRESETS[params["preset"]].items() if k != "dataset"})
+    fill_preset_dataset(params, PRESETS)
+    resolve_params_acceleration(params)
     probe_model = build(params["model"], params["norm"], params["attention"], params["width"])
     sites = list(resolve_sites(probe_model))
     if params["layer"] is None:
@@ -112,10 +118,10 @@ def train_classifier(model: str = "resnet20", norm: str = "bn", attention: str =
                      width: float = 0.5, epochs: int = 6, batch_size: int = 64, lr: float = 0.1,
                      image_size: int = 32, device: str | torch.device = "auto", seed: int = 0,
                      callbacks: Sequence[Callback] = (), progress: bool = True, dataset: str = "digits",
-                     **_: Any) -> dict:
+                     amp: str = "off", channels_last: bool = False, compile: bool = False, **_: Any) -> dict:
     """Train a classifier on ``dataset`` (digits by default; SGD, one-cycle schedule); a run whose loss
     turns NaN/inf stops there and is reported as diverged (its accuracy is still evaluated) instead of
-    raising."""
+    raising. ``amp``, ``channels_last`` and ``compile`` go to :func:`workbench.train.fit`."""
     dev = resolve_device(device)
     seed_everything(seed)
     train_set = dataset_split(dataset, "train", image_size, augment=True)
@@ -130,12 +136,13 @@ def train_classifier(model: str = "resnet20", norm: str = "bn", attention: str =
     history, step_log, diverged = [], [], None
     try:
         result = fit(net, train_loader, test_loader, epochs, optimizer=optimizer, scheduler=scheduler,
-                     scheduler_interval="step", device=dev, callbacks=callbacks, progress=progress)
+                     scheduler_interval="step", device=dev, callbacks=callbacks, progress=progress, amp=amp,
+                     channels_last=channels_last, compile=compile)
         history, step_log = result.history, result.step_log
     except NonFiniteLossError as exc:
         diverged = str(exc)
     wall = time.perf_counter() - started
-    test = evaluate(net, test_loader, dev)
+    test = evaluate(net, test_loader, dev, amp=amp, channels_last=channels_last)
     return {"model": net, "history": history, "step_log": step_log, "test_acc": test["acc"],
             "test_loss": test["loss"], "diverged": diverged, "params": sum(p.numel() for p in net.parameters()),
             "train_seconds": wall, "device": describe_device(dev), "classes": list(train_set.classes),
@@ -340,17 +347,18 @@ def run_attention_study(model: str = "resnet20", norm: str = "iebn", attention: 
                         noise_levels: Sequence[float] = (0.0, 0.5, 1.0), noise_samples: int = 128,
                         captum_samples: int = 48, conductance_steps: int = 8, cpu_threads: int | None = None,
                         progress: bool = True, dataset: str = "digits", callbacks: Sequence[Callback] = (),
-                        **_: Any) -> dict:
+                        amp: str = "off", channels_last: bool = False, compile: bool = False, **_: Any) -> dict:
     """Train, then measure attention statistics, the shift under batch noise and the agreement with
     captum attributions. Returns plain data plus the trained model (``"model"``). ``cpu_threads``
     limits torch's CPU threads meanwhile (see :func:`limit_cpu_threads`); ``callbacks`` (e.g. the
-    gate-engagement probe) go to the training loop."""
+    gate-engagement probe) go to the training loop; ``amp``, ``channels_last`` and ``compile`` apply to
+    the training (the measurements run in fp32, eagerly)."""
     timings: dict[str, float] = {}
     with limit_cpu_threads(cpu_threads, device):
         started = time.perf_counter()
         run = train_classifier(model, norm, attention, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                                image_size=image_size, device=device, seed=seed, progress=progress, dataset=dataset,
-                               callbacks=callbacks)
+                               callbacks=callbacks, amp=amp, channels_last=channels_last, compile=compile)
         timings["train"] = time.perf_counter() - started
         net, dev = run["model"], resolve_device(device)
 

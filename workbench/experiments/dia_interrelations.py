@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from workbench.device import resolve_device
+from workbench.experiments.acceleration import acceleration_options, resolve_params_acceleration
 from workbench.experiments.attention import MODELS, build, eval_batch, limit_cpu_threads, train_classifier
-from workbench.experiments.dataset_choice import dataset_param
-from workbench.params import COMMON, Param, validate
+from workbench.experiments.dataset_choice import dataset_param, fill_preset_dataset
+from workbench.params import ACCELERATION, COMMON, Param, validate
 from workbench.probes.attention import AttentionRecorder, attention_sites
 from workbench.probes.grad_norms import StageGradNorms  # noqa: F401 - also importable from here
 
@@ -37,7 +38,9 @@ STAB_ATTENTIONS = ("none", "se", "dia")
 
 PARAMETERS = {
     **COMMON,
-    "dataset": dataset_param("classification"),
+    **ACCELERATION,
+    "dataset": dataset_param("classification", nullable=True,
+                             help="None: the preset's (digits / cifar100); or a registered name or a folder path"),
     "model": Param(str, choices=MODELS, help="CIFAR ResNet with DIA-LSTM attention"),
     "norm": Param(str, choices=("bn", "iebn"), help="normalisation of the DIA/SE models of the ablation"),
     "layer": Param(str, nullable=True, help="stage shown in the detail views (e.g. 'layer2'); None: the middle one"),
@@ -45,18 +48,21 @@ PARAMETERS = {
 }
 
 PRESETS = {
-    "quick": dict(width=0.5, image_size=16, epochs=5, batch_size=64, lr=0.1, stab_epochs=8, stab_lr=0.05, grad_every=2,
-                  cpu_threads=1),
-    "full": dict(width=1.0, image_size=32, epochs=60, batch_size=128, lr=0.1, stab_epochs=30, stab_lr=0.05,
-                 grad_every=10, cpu_threads=None),
+    "quick": dict(dataset="digits", width=0.5, image_size=16, epochs=5, batch_size=64, lr=0.1, stab_epochs=8,
+                  stab_lr=0.05, grad_every=2, cpu_threads=1),
+    "full": dict(dataset="cifar100", width=1.0, image_size=32, epochs=60, batch_size=128, lr=0.1, stab_epochs=30,
+                 stab_lr=0.05, grad_every=10, cpu_threads=None),
 }
 
 
 def resolve(params: dict[str, Any]) -> dict[str, Any]:
     """Validate the notebook's parameters, fill what the preset decides, check ``layer`` names a
-    stage of the DIA model."""
+    stage of the DIA model; a preset whose data is absent and acceleration the device cannot run are
+    refused here, before any training."""
     params = validate(params, PARAMETERS, where="03_dia_lstm_interrelations")
-    params.update(PRESETS[params["preset"]])
+    params.update({k: v for k, v in PRESETS[params["preset"]].items() if k != "dataset"})
+    fill_preset_dataset(params, PRESETS)
+    resolve_params_acceleration(params)
     stages = list(block_groups(attention_sites(build(params["model"], "bn", "dia", params["width"]), "dia")))
     if params["layer"] is None:
         params["layer"] = stages[len(stages) // 2]
@@ -203,10 +209,12 @@ def stabilisation_study(model: str = "resnet20", norm: str = "bn", width: float 
                         batch_size: int = 64, lr: float = 0.05, grad_every: int = 2, image_size: int = 32,
                         device: str = "auto", seed: int = 0, conditions: dict[str, dict] | None = None,
                         attentions: Sequence[str] = STAB_ATTENTIONS, cpu_threads: int | None = None,
-                        progress: bool = True, dataset: str = "digits") -> dict:
+                        progress: bool = True, dataset: str = "digits", amp: str = "off",
+                        channels_last: bool = False, compile: bool = False) -> dict:
     """Train each condition (default: ``skip=False``; ``norm="none"``) without attention, with SE
     and with DIA, under one recipe. Returns per condition and attention: epoch history, per-step
-    loss, gradient norm per stage, test accuracy, divergence message, parameters, wall time."""
+    loss, gradient norm per stage, test accuracy, divergence message, parameters, wall time.
+    ``amp``, ``channels_last`` and ``compile`` apply to every training run."""
     conditions = dict(STAB_CONDITIONS if conditions is None else conditions)
     bad = [a for a in attentions if a not in STAB_ATTENTIONS]
     if bad:
@@ -221,7 +229,7 @@ def stabilisation_study(model: str = "resnet20", norm: str = "bn", width: float 
                 run = train_classifier(model, setting["norm"], attention, skip=setting["skip"], width=width,
                                        epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
                                        device=device, seed=seed, callbacks=[grad], progress=progress,
-                                       dataset=dataset)
+                                       dataset=dataset, amp=amp, channels_last=channels_last, compile=compile)
                 steps, norms = grad.series()
                 runs[cond][attention] = {
                     "history": run["history"], "test_acc": run["test_acc"], "diverged": run["diverged"],
@@ -240,10 +248,11 @@ def stabilisation_study(model: str = "resnet20", norm: str = "bn", width: float 
 def ablation(model: str = "resnet20", norm: str = "bn", width: float = 0.5, epochs: int = 5, batch_size: int = 64,
              lr: float = 0.1, image_size: int = 32, device: str = "auto", seed: int = 0, num_samples: int = 256,
              cpu_threads: int | None = None, progress: bool = True, include_iebn: bool = True,
-             dataset: str = "digits") -> dict:
+             dataset: str = "digits", amp: str = "off", channels_last: bool = False, compile: bool = False) -> dict:
     """Train DIA and SE (and, with ``include_iebn``, IEBN without extra attention) models of the same
     backbone; per variant: accuracy, parameters, cross-block correlation structure; for DIA also
-    the gates and states per block. Returns plain data and the trained models under ``"models"``."""
+    the gates and states per block. Returns plain data and the trained models under ``"models"``.
+    ``amp``, ``channels_last`` and ``compile`` apply to the training (the measurements run in fp32)."""
     from workbench.probes.dia import DIARecorder, gate_summary
 
     dev = resolve_device(device)
@@ -256,7 +265,8 @@ def ablation(model: str = "resnet20", norm: str = "bn", width: float = 0.5, epoc
         for label, (v_norm, v_attention) in variants.items():
             started = time.perf_counter()
             run = train_classifier(model, v_norm, v_attention, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                                   image_size=image_size, device=dev, seed=seed, progress=progress, dataset=dataset)
+                                   image_size=image_size, device=dev, seed=seed, progress=progress, dataset=dataset,
+                                   amp=amp, channels_last=channels_last, compile=compile)
             corr = stage_correlations(run["model"], inputs)
             out["correlations"][label] = corr
             # the same measurement on the untrained network: how much of the structure is built in
@@ -305,14 +315,16 @@ def run_ablation(params: dict[str, Any], progress: bool = True) -> dict:
     """:func:`ablation` with the notebook's resolved parameters."""
     keys = ("model", "norm", "width", "epochs", "batch_size", "lr", "image_size", "device", "seed", "num_samples",
             "cpu_threads")
-    return ablation(**{k: params[k] for k in keys}, dataset=params.get("dataset", "digits"), progress=progress)
+    return ablation(**{k: params[k] for k in keys}, dataset=params.get("dataset", "digits"), progress=progress,
+                    **acceleration_options(params))
 
 
 def run_stabilisation(params: dict[str, Any], progress: bool = True) -> dict:
     """:func:`stabilisation_study` with the notebook's resolved parameters (its own epochs and lr)."""
     keys = ("model", "norm", "width", "batch_size", "grad_every", "image_size", "device", "seed", "cpu_threads")
     return stabilisation_study(**{k: params[k] for k in keys}, epochs=params["stab_epochs"], lr=params["stab_lr"],
-                               dataset=params.get("dataset", "digits"), progress=progress)
+                               dataset=params.get("dataset", "digits"), progress=progress,
+                               **acceleration_options(params))
 
 
 def summary_lines(ablation_result: dict, stabilisation_result: dict) -> list[str]:

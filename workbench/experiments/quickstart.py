@@ -1,5 +1,6 @@
-"""Notebook 00_quickstart: train a small CIFAR-style ResNet on the embedded digits (or any classification
-dataset: a registered name or a folder) and evaluate it."""
+"""Notebook 00_quickstart: train a small CIFAR-style ResNet on the embedded digits (the quick preset),
+CIFAR-100 (the full preset) or any classification dataset (a registered name or a folder), and
+evaluate it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 
 from workbench.data import accepted_options, get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
-from workbench.experiments.dataset_choice import dataset_param
-from workbench.params import COMMON, Param, validate
+from workbench.experiments.acceleration import resolve_params_acceleration
+from workbench.experiments.dataset_choice import dataset_param, fill_preset_dataset
+from workbench.params import ACCELERATION, COMMON, Param, validate
 from workbench.train import OPTIMIZERS, evaluate, fit, make_optimizer
 
 NORMS = ("bn", "iebn", "none")
@@ -19,7 +21,9 @@ ATTENTIONS = ("none", "se", "dia")
 
 PARAMETERS = {
     **COMMON,
-    "dataset": dataset_param("classification"),
+    **ACCELERATION,
+    "dataset": dataset_param("classification", nullable=True,
+                             help="None: the preset's (digits / cifar100); or a registered name or a folder path"),
     "model": Param(str, choices=("resnet20", "resnet32", "resnet56", "resnet110"), help="CIFAR ResNet depth"),
     "norm": Param(str, choices=NORMS, help="normalisation layer"),
     "attention": Param(str, choices=ATTENTIONS, help="channel attention in every block"),
@@ -33,7 +37,7 @@ PARAMETERS = {
     "width": Param(float, min=0.0625, max=8.0, help="channel width multiplier"),
 }
 
-PRESET_EPOCHS = {"quick": 15, "full": 60}
+PRESETS = {"quick": {"dataset": "digits", "epochs": 15}, "full": {"dataset": "cifar100", "epochs": 60}}
 DEFAULT_LR = {"sgd": 0.1, "adamw": 0.002}
 
 
@@ -53,10 +57,13 @@ def default_recipe(norm: str) -> dict[str, Any]:
 
 
 def resolve(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate the notebook's parameters and fill what the preset and the recipe decide."""
+    """Validate the notebook's parameters and fill what the preset, the recipe and the device decide;
+    refuse a preset whose data is absent and acceleration the device cannot run, before any training."""
     params = validate(params, PARAMETERS, where="00_quickstart")
     if params.get("epochs") is None:
-        params["epochs"] = PRESET_EPOCHS[params["preset"]]
+        params["epochs"] = PRESETS[params.get("preset", "quick")]["epochs"]
+    fill_preset_dataset(params, PRESETS)
+    resolve_params_acceleration(params)
     params["optimizer"], params["lr"], params["grad_clip"] = fill_recipe(
         params.get("norm", "bn"), params.get("optimizer"), params.get("lr"), params.get("grad_clip"))
     return params
@@ -77,11 +84,13 @@ def fill_recipe(norm: str, optimizer: str | None, lr: float | None,
 def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "none", width: float = 1.0,
                    epochs: int = 15, batch_size: int = 64, lr: float | None = None, device: str = "auto",
                    seed: int = 0, optimizer: str | None = None, grad_clip: float | None = None,
-                   progress: bool = True, dataset: str = "digits", **_: Any) -> dict:
+                   progress: bool = True, dataset: str = "digits", amp: str = "off", channels_last: bool = False,
+                   compile: bool = False, **_: Any) -> dict:
     """Train ``model`` on ``dataset`` (digits by default; any classification dataset value) with a
     one-cycle schedule; return history, test metrics, confusion.
     ``optimizer``, ``lr`` and ``grad_clip`` left at ``None`` follow :func:`default_recipe` for ``norm``
-    (``grad_clip=0`` turns clipping off)."""
+    (``grad_clip=0`` turns clipping off). ``amp``, ``channels_last`` and ``compile`` go to
+    :func:`workbench.train.fit` (:func:`resolve` gives the device's defaults)."""
     optimizer, lr, grad_clip = fill_recipe(norm, optimizer, lr, grad_clip)
     from workbench.models import build_model
 
@@ -97,9 +106,10 @@ def run_quickstart(model: str = "resnet20", norm: str = "bn", attention: str = "
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     started = time.perf_counter()
     result = fit(net, train_loader, test_loader, epochs, optimizer=opt, scheduler=scheduler,
-                 scheduler_interval="step", device=dev, progress=progress, grad_clip=grad_clip or None)
+                 scheduler_interval="step", device=dev, progress=progress, grad_clip=grad_clip or None, amp=amp,
+                 channels_last=channels_last, compile=compile)
     wall = time.perf_counter() - started
-    test = evaluate(net, test_loader, dev, return_confusion=True)
+    test = evaluate(net, test_loader, dev, return_confusion=True, amp=amp, channels_last=channels_last)
     return {
         "history": result.history,
         "test_acc": test["acc"],

@@ -142,3 +142,32 @@ def test_experiments_hand_the_resolved_options_to_fit(monkeypatch):
         with pytest.raises(RuntimeError, match="stop after the call"):
             run()
     assert calls == [options] * 3
+
+
+TRAIN = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--batch-size", "16",
+         "--schedule", "constant", "--no-augment", "--no-progress", "--device", "cpu", "--max-steps", "2"]
+
+
+def test_train_resolves_the_same_options(tmp_path, capsys, fake_cuda):
+    import json
+
+    from workbench.train_cli import load_config, main
+
+    cfg = load_config(None, {})
+    assert (cfg.amp, cfg.channels_last, cfg.compile) == ("auto", None, False)
+    with fake_cuda.context() as cpu:
+        cpu.setattr(torch.cuda, "is_available", lambda: False)
+        out = tmp_path / "never"
+        assert main([*TRAIN, "--amp", "bf16", "--output", str(out)]) == 2
+        assert "error: amp='bf16' needs a CUDA device, got cpu" in capsys.readouterr().err
+        assert not out.exists(), "refused before the output folder or any training"
+        assert main([*TRAIN, "--channels-last", "--output", str(tmp_path / "cl")]) == 0
+        assert main([*TRAIN, "--output", str(tmp_path / "auto")]) == 0
+    summaries = {name: json.loads((tmp_path / name / "history.json").read_text()) for name in ("cl", "auto")}
+    assert summaries["cl"]["acceleration"] == {"amp": "off", "channels_last": True, "compile": False}
+    assert summaries["auto"]["acceleration"] == {"amp": "off", "channels_last": False, "compile": False}
+    assert summaries["auto"]["config"]["amp"] == "auto" and summaries["auto"]["config"]["channels_last"] is None
+    auto = load_config(None, {"device": "auto"})
+    from workbench.train_cli import acceleration
+
+    assert acceleration(auto).options() == {"amp": "bf16", "channels_last": True, "compile": False}

@@ -72,7 +72,8 @@ def check_grid(notebook: Path, grid: Mapping[str, Sequence[Any]]) -> tuple[list[
     Unknown names, values of the wrong type, numbers that are not finite and an accelerator this
     machine lacks abort the whole sweep. A value of the right type that its parameter refuses (out
     of range, not among the choices) makes only the points holding it fail, with the reason; the
-    others run.
+    others run. So does a point whose acceleration the machine cannot run (``amp="bf16"`` without CUDA)
+    or whose data is absent (a ``full`` preset without CIFAR-100 / Cityscapes).
     """
     if not grid:
         raise ValueError("a sweep needs at least one -p NAME V1 [V2 ...] axis")

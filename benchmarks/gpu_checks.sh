@@ -46,7 +46,8 @@ step() {  # step NAME SECONDS CMD...: at most SECONDS, never past DEADLINE
 W="python3 -m workbench.cli"
 step layers-eager 50 $W bench layers --device cuda --modes eager --sections norm --output "$RES/layers-eager"
 step gpu-tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_nn_fused_cuda.py tests/test_nn_iebn.py \
-  tests/test_device.py tests/test_attention_recorders.py tests/test_train.py tests/test_pruning_cost.py
+  tests/test_device.py tests/test_attention_recorders.py tests/test_train.py tests/test_pruning_cost.py \
+  tests/test_acceleration.py
 step training 70 $W bench training --device cuda --model resnet164 --steps 15 --variants bn/none,iebn/none \
   --output "$RES/training"
 step layers-compile 75 $W bench layers --device cuda --modes compile --shapes stages --sections norm \

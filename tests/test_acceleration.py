@@ -171,3 +171,14 @@ def test_train_resolves_the_same_options(tmp_path, capsys, fake_cuda):
     from workbench.train_cli import acceleration
 
     assert acceleration(auto).options() == {"amp": "bf16", "channels_last": True, "compile": False}
+
+
+@pytest.mark.gpu
+def test_quickstart_trains_with_the_cuda_defaults():
+    params = quickstart.resolve({**notebook_defaults("00_quickstart"), "epochs": 1, "width": 0.25})
+    assert (params["amp"], params["channels_last"]) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16", True)
+    result = quickstart.run_quickstart(**params, progress=False)
+    first_conv = next(m for m in result["model"].modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.weight.is_cuda and first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert 0.0 <= result["test_acc"] <= 1.0 and result["history"][-1]["train_loss"] == pytest.approx(
+        result["history"][-1]["train_loss"])  # finite: NaN is not approx-equal to itself

@@ -410,46 +410,55 @@ def test_multinode_flags_are_checked_before_torchrun_starts(tmp_path, capsys):
     assert "--rdzv-conf=is_host=false" in node1 and "--rdzv-conf=is_host=true" in Launch(1, 2, 0, "h:1").torchrun_args()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch_nodes(outputs, args, timeout=600):
+def _launch_nodes(outputs, args, logs, timeout=600):
     """``workbench train`` once per node, all on 127.0.0.1 with one rank each (gloo, c10d rendezvous
-    hosted by node 0); node ``i`` writes to ``outputs[i]``. Returns the finished processes."""
+    hosted by node 0), inside a network namespace of the test's own; node ``i`` writes to
+    ``outputs[i]`` and its messages to ``logs / f"node{i}.txt"``. While they run, the sockets they
+    listen on are checked to be reachable from the namespace only. Returns the finished processes."""
     import os
+    import time
 
-    endpoint = f"127.0.0.1:{_free_port()}"
+    from isolated_network import isolated_network_or_skip
+
+    net = isolated_network_or_skip()
+    endpoint = "127.0.0.1:29400"  # the namespace is the test's own: every port is free
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # the ranks' gloo pairs on loopback too
-    procs = [subprocess.Popen([sys.executable, "-m", "workbench.cli", "train", *args, "--nnodes", str(len(outputs)),
-                               "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--output", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for rank, out in enumerate(outputs)]
+    procs, seen = [], set()
     try:
-        for proc in procs:
-            proc.stdout_text, proc.stderr_text = proc.communicate(timeout=timeout)
+        for rank, out in enumerate(outputs):
+            cmd = [sys.executable, "-m", "workbench.cli", "train", *args, "--nnodes", str(len(outputs)),
+                   "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--output", str(out)]
+            with open(logs / f"node{rank}.txt", "w") as log:
+                procs.append(subprocess.Popen(net.command(cmd), stdout=log, stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + timeout
+        while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+            seen |= net.listening()
+            time.sleep(0.5)
+        assert all(proc.poll() is not None for proc in procs), f"the nodes did not finish in {timeout} s"
+        net.check_isolated(seen)
+        assert 29400 in {port for _, port in seen}, f"the rendezvous store is not among {seen}"
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        left = net.close()
+    assert not left, f"processes of the nodes still running: {left}"
+    for rank, proc in enumerate(procs):
+        proc.output_text = (logs / f"node{rank}.txt").read_text()
     return procs
 
 
 @pytest.mark.slow
 def test_two_nodes_match_one_process(tmp_path):
-    """Two torchrun launches (two "nodes" on 127.0.0.1, one gloo rank each, c10d rendezvous) take the
-    same 3 steps as one process with the global batch of 16 and the same seed (BN synchronised; see
-    test_ddp_matches_one_process_and_resumes for the tolerance)."""
+    """Two torchrun launches (two "nodes" on 127.0.0.1 of a network namespace of the test's own, one
+    gloo rank each, c10d rendezvous) take the same 3 steps as one process with the global batch of 16
+    and the same seed (BN synchronised; see test_ddp_matches_one_process_and_resumes for the tolerance)."""
     steps = 3
     args = [*COMMON, "--norm", "bn", "--max-steps", str(steps)]
     shared = tmp_path / "shared"
-    procs = _launch_nodes([shared, shared], args)
-    assert [p.returncode for p in procs] == [0, 0], procs[0].stderr_text[-3000:] + procs[1].stderr_text[-3000:]
+    procs = _launch_nodes([shared, shared], args, tmp_path)
+    assert [p.returncode for p in procs] == [0, 0], procs[0].output_text[-3000:] + procs[1].output_text[-3000:]
     assert main([*args, "--output", str(tmp_path / "single")]) == 0
     nodes = load_checkpoint(shared / "last.pt")
     single = load_checkpoint(tmp_path / "single" / "last.pt")
@@ -465,9 +474,9 @@ def test_nodes_that_do_not_share_the_output_are_refused(tmp_path):
     """Each node sees its own folder at --output (two local folders stand for two machines' disks):
     every rank stops before training, with rank 0 naming the rank it cannot see; nothing is written."""
     outputs = [tmp_path / "disk0" / "run", tmp_path / "disk1" / "run"]
-    procs = _launch_nodes(outputs, [*COMMON, "--max-steps", "1"])
-    assert [p.returncode for p in procs] == [2, 2]
-    errors = procs[0].stderr_text + procs[1].stderr_text
+    procs = _launch_nodes(outputs, [*COMMON, "--max-steps", "1"], tmp_path)
+    errors = procs[0].output_text + procs[1].output_text
+    assert [p.returncode for p in procs] == [2, 2], errors[-3000:]
     assert "is not one folder shared by every node" in errors and "cannot see the files written there by rank" \
         in errors, errors[-3000:]
     assert "Traceback" not in errors, errors[-3000:]

@@ -1,5 +1,8 @@
 """A real two-node Ray cluster on this machine for tests: a head and a worker started with
-``ray start --block``, each with 1 CPU, its own temp folder and free ports.
+``ray start --block``, each with 1 CPU, its own temp folder and free ports, both in a network
+namespace of the test's own (:class:`isolated_network.IsolatedNetwork`) with its private test address
+as their node address: Ray refuses a cluster of several nodes on 127.0.0.1, and the namespace keeps
+the ports such a cluster listens on out of reach of anything but the test.
 
 Every process of the cluster carries a token in its environment (inherited from ``ray start`` by
 Ray's processes, the workers and the notebook kernels they start), so :meth:`LocalRayCluster.stop`
@@ -19,6 +22,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from isolated_network import IsolatedNetwork
 
 TOKEN_VAR = "WORKBENCH_TEST_RAY_CLUSTER"
 START_TIMEOUT_S = 240
@@ -44,12 +49,13 @@ def can_hide_folders() -> bool:
 
 
 class LocalRayCluster:
-    def __init__(self) -> None:
+    def __init__(self, net: IsolatedNetwork) -> None:
+        self.net = net
         self.token = uuid.uuid4().hex
         # Ray's Unix socket paths must stay short: a folder directly under /tmp
         self.temp = Path(tempfile.mkdtemp(prefix="wbray-", dir="/tmp"))
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{net.address}:{self.port}"
         # Ray's token authentication with a token of this cluster's own, given to every node and driver
         self.env = {**os.environ, TOKEN_VAR: self.token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -59,7 +65,7 @@ class LocalRayCluster:
         agent_ports = ["--dashboard-agent-grpc-port", str(free_port()), "--dashboard-agent-listen-port",
                        str(free_port()), "--metrics-export-port", str(free_port()), "--runtime-env-agent-port",
                        str(free_port())]
-        return [str(Path(sys.executable).with_name("ray")), "start", "--node-ip-address", "127.0.0.1",
+        return [str(Path(sys.executable).with_name("ray")), "start", "--node-ip-address", self.net.address,
                 "--node-name", name, "--num-cpus", "1", "--temp-dir", str(self.temp / name),
                 "--disable-usage-stats", "--include-log-monitor", "false", *agent_ports, *args, "--block"]
 
@@ -86,7 +92,7 @@ class LocalRayCluster:
         a node that did not come up is started again, up to ``attempts`` times."""
         for attempt in range(attempts):
             log = open(self.temp / f"{name}.log", "w")  # noqa: SIM115 (kept open by the child)
-            self.nodes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.nodes[name] = subprocess.Popen(self.net.command(cmd), stdout=log, stderr=subprocess.STDOUT, env=env,
                                                 start_new_session=True)
             deadline = time.monotonic() + START_TIMEOUT_S
             while "Ray runtime started" not in self.log(name):

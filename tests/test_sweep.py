@@ -299,14 +299,17 @@ report.record("score", seed + lr)'''
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """Head and worker (1 CPU each) started with ``ray start``; the worker's view of the test's
-    folders is an empty disk of its own where mount namespaces are available. Every process the
-    cluster started is ended at teardown, which checks that none is left."""
+    """Head and worker (1 CPU each) started with ``ray start`` in a network namespace of the test's
+    own (skipped where none can be made); the worker's view of the test's folders is an empty disk
+    of its own where mount namespaces are available. Every process the cluster started is ended at
+    teardown, which checks that none is left, in the namespace or elsewhere."""
+    from isolated_network import isolated_network_or_skip
     from ray_cluster import LocalRayCluster, can_hide_folders
 
+    net = isolated_network_or_skip()
     files = tmp_path_factory.mktemp("cluster")
     hold = Path(tempfile.mkdtemp(prefix="wbhold-", dir="/tmp"))  # seen by both nodes
-    cluster = LocalRayCluster()
+    cluster = LocalRayCluster(net)
     cluster.files, cluster.hold, cluster.isolated = files, hold, can_hide_folders()
     cluster.env["TEST_HOLD_DIR"] = str(hold)  # the kernels inherit their node's environment
     try:
@@ -314,15 +317,20 @@ def ray_cluster(tmp_path_factory):
         cluster.start_worker({"TEST_NODE": "worker"}, hide=files if cluster.isolated else None)
         yield cluster
     finally:
-        left = cluster.stop()
-        shutil.rmtree(hold, ignore_errors=True)
+        try:
+            left = cluster.stop()
+            shutil.rmtree(hold, ignore_errors=True)
+        finally:
+            left_in_network = net.close()
         assert not left, f"processes of the test cluster still running: {left}"
+        assert not left_in_network, f"processes still running in the test's network namespace: {left_in_network}"
 
 
 def _cluster_sweep(cluster, nb, out, *flags, wait=True):
     cmd = [sys.executable, "-m", "workbench.cli", "sweep", str(nb), "-p", "seed", "0", "1", "2", "3",
            "--executor", "ray", "--address", cluster.address, "--jobs", "4", "--output", str(out), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
+    proc = subprocess.Popen(cluster.net.command(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cluster.env)
     if not wait:
         return proc
     stdout, stderr = proc.communicate(timeout=600)
@@ -357,6 +365,7 @@ def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
             assert time.monotonic() < deadline, "the worker node never took a second point"
             time.sleep(0.5)
         held = next(p.name for p in ray_cluster.hold.iterdir() if p.name.startswith("held-"))
+        listening = ray_cluster.net.listening()  # both nodes, the driver and the points' workers up
         ray_cluster.kill_node("worker")
         stdout, stderr = proc.communicate(timeout=600)
     finally:
@@ -364,6 +373,8 @@ def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, (stdout + stderr)[-3000:]
+    ray_cluster.net.check_isolated(listening)
+    assert ray_cluster.port in {port for _, port in listening}, f"the head's port is not among {listening}"
     summary = json.loads((out / "results.json").read_text())
     assert summary["status"] == "done"
     by_seed = {p["parameters"]["seed"]: p for p in summary["points"]}

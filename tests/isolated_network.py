@@ -66,18 +66,29 @@ class IsolatedNetwork:
         """(address, port) of every TCP socket listening in the namespace."""
         tables = subprocess.run(self.command(["cat", "/proc/net/tcp", "/proc/net/tcp6"]), capture_output=True,
                                 text=True, check=True, timeout=30).stdout
-        return parse_listening(tables)
+        return {(address, port) for address, port, _ in listening_rows(tables)}
 
-    def check_isolated(self, seen: set[tuple[str, int]]) -> None:
+    def listening_outside(self) -> set[tuple[str, int]]:
+        """(address, port) of the sockets listening in this machine's own network that a process of
+        the namespace holds (one it inherited, say): none expected."""
+        held = set()
+        for pid in self.pids():
+            try:
+                links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            except OSError:  # ended meanwhile
+                continue
+            held |= {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+        return {(address, port) for address, port, inode in host_listening_rows() if inode in held}
+
+    def check_isolated(self, seen: set[tuple[str, int]], outside: set[tuple[str, int]]) -> None:
         """Assert that the sockets ``seen`` listening in the namespace are reachable from nowhere
         but the namespace: on loopback or the test address (or on all interfaces, which here are
-        only those), with the namespace holding no other address, and none of their ports listening
-        in this machine's own network."""
+        only those), with the namespace holding no other address; and that its processes held no
+        socket listening in this machine's own network (``outside``, from :meth:`listening_outside`)."""
         assert seen, "the test's processes listen somewhere"
         assert self.addresses() <= self.loopback, f"the namespace has other addresses: {self.addresses()}"
         assert {address for address, _ in seen} <= self.loopback | WILDCARD, f"listening on {seen}"
-        on_host = {port for _, port in seen} & {port for _, port in host_listening()}
-        assert not on_host, f"the test's ports also listen on this machine's network: {sorted(on_host)}"
+        assert not outside, f"the test's processes listen on this machine's network: {sorted(outside)}"
 
     def close(self) -> list[int]:
         """Delete the namespace; returns the processes that were still running in it (none expected)."""
@@ -86,24 +97,29 @@ class IsolatedNetwork:
         return left
 
 
-def parse_listening(tables: str) -> set[tuple[str, int]]:
-    """(address, port) of the LISTEN rows of /proc/net/tcp and /proc/net/tcp6 text."""
+def listening_rows(tables: str) -> set[tuple[str, int, str]]:
+    """(address, port, socket inode) of the LISTEN rows of /proc/net/tcp and /proc/net/tcp6 text."""
     found = set()
     for line in tables.splitlines():
         fields = line.split()
-        if len(fields) < 4 or fields[3] != "0A" or ":" not in fields[1]:  # 0A: LISTEN; skips the headers
+        if len(fields) < 10 or fields[3] != "0A" or ":" not in fields[1]:  # 0A: LISTEN; skips the headers
             continue
         address, port = fields[1].split(":")
         raw = bytes.fromhex(address)
         words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian 32-bit words
         ip = ipaddress.ip_address(words)
-        found.add((str(getattr(ip, "ipv4_mapped", None) or ip), int(port, 16)))
+        found.add((str(getattr(ip, "ipv4_mapped", None) or ip), int(port, 16), fields[9]))
     return found
 
 
-def host_listening() -> set[tuple[str, int]]:
-    """(address, port) of every TCP socket listening in this process's own network namespace."""
-    return parse_listening("\n".join(Path(table).read_text() for table in ("/proc/net/tcp", "/proc/net/tcp6")))
+def host_listening_rows() -> set[tuple[str, int, str]]:
+    """:func:`listening_rows` of this process's own network namespace."""
+    return listening_rows("\n".join(Path(table).read_text() for table in ("/proc/net/tcp", "/proc/net/tcp6")))
+
+
+def host_listening_ports() -> set[int]:
+    """The ports TCP sockets listen on in this process's own network namespace."""
+    return {port for _, port, _ in host_listening_rows()}
 
 
 def isolated_network_or_skip() -> IsolatedNetwork:

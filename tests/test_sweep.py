@@ -355,6 +355,8 @@ def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
     while running its second, which Ray then runs again on the head. Every point's files are in the
     driver's sweep folder (gathered: the worker sees its own disk where that can be arranged), and
     the same command run again runs nothing."""
+    from isolated_network import host_listening_ports
+
     nb = write_test_notebook(ray_cluster.files / "cluster.ipynb", CLUSTER_BODY, PARAMS)
     out = ray_cluster.files / "sweep"
     proc = _cluster_sweep(ray_cluster, nb, out, wait=False)
@@ -365,7 +367,9 @@ def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
             assert time.monotonic() < deadline, "the worker node never took a second point"
             time.sleep(0.5)
         held = next(p.name for p in ray_cluster.hold.iterdir() if p.name.startswith("held-"))
-        listening = ray_cluster.net.listening()  # both nodes, the driver and the points' workers up
+        # both nodes, the driver and the points' workers are up
+        listening, outside = ray_cluster.net.listening(), ray_cluster.net.listening_outside()
+        head_port_on_host = ray_cluster.port in host_listening_ports()
         ray_cluster.kill_node("worker")
         stdout, stderr = proc.communicate(timeout=600)
     finally:
@@ -373,8 +377,9 @@ def test_ray_cluster_sweep_survives_a_dead_node_and_resumes(ray_cluster):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, (stdout + stderr)[-3000:]
-    ray_cluster.net.check_isolated(listening)
+    ray_cluster.net.check_isolated(listening, outside)
     assert ray_cluster.port in {port for _, port in listening}, f"the head's port is not among {listening}"
+    assert not head_port_on_host, f"the head's port {ray_cluster.port} listens on this machine's network"
     summary = json.loads((out / "results.json").read_text())
     assert summary["status"] == "done"
     by_seed = {p["parameters"]["seed"]: p for p in summary["points"]}

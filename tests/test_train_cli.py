@@ -418,12 +418,14 @@ def _launch_nodes(outputs, args, logs, timeout=600):
     import os
     import time
 
-    from isolated_network import isolated_network_or_skip
+    from isolated_network import host_listening_ports, isolated_network_or_skip
 
     net = isolated_network_or_skip()
-    endpoint = "127.0.0.1:29400"  # the namespace is the test's own: every port is free
+    # any port is free in the test's own namespace; one not listening here keeps the check below exact
+    store_port = next(port for port in range(29400, 29500) if port not in host_listening_ports())
+    endpoint = f"127.0.0.1:{store_port}"
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # the ranks' gloo pairs on loopback too
-    procs, seen = [], set()
+    procs, seen, outside, on_host = [], set(), set(), False
     try:
         for rank, out in enumerate(outputs):
             cmd = [sys.executable, "-m", "workbench.cli", "train", *args, "--nnodes", str(len(outputs)),
@@ -433,10 +435,13 @@ def _launch_nodes(outputs, args, logs, timeout=600):
         deadline = time.monotonic() + timeout
         while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
             seen |= net.listening()
+            outside |= net.listening_outside()
+            on_host |= store_port in host_listening_ports()
             time.sleep(0.5)
         assert all(proc.poll() is not None for proc in procs), f"the nodes did not finish in {timeout} s"
-        net.check_isolated(seen)
-        assert 29400 in {port for _, port in seen}, f"the rendezvous store is not among {seen}"
+        net.check_isolated(seen, outside)
+        assert not on_host, f"the rendezvous port {store_port} listens on this machine's network"
+        assert store_port in {port for _, port in seen}, f"the rendezvous store is not among {seen}"
     finally:
         for proc in procs:
             if proc.poll() is None:

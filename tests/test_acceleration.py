@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from workbench.device import resolve_acceleration
-from workbench.experiments import attention, dia_interrelations, quickstart
+from workbench.experiments import attention, batch_noise, dia_interrelations, quickstart
 from workbench.train import fit
 
-NOTEBOOKS = {"00_quickstart": quickstart, "02_attention_weights": attention,
+NOTEBOOKS = {"00_quickstart": quickstart, "01_batch_noise": batch_noise, "02_attention_weights": attention,
              "03_dia_lstm_interrelations": dia_interrelations}
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -133,15 +133,19 @@ def test_experiments_hand_the_resolved_options_to_fit(monkeypatch):
 
     monkeypatch.setattr(quickstart, "fit", spy_fit)
     monkeypatch.setattr(attention, "fit", spy_fit)
+    monkeypatch.setattr(batch_noise, "fit", spy_fit)
     options = {"amp": "off", "channels_last": True, "compile": True}
     for run in (lambda: quickstart.run_quickstart(epochs=1, progress=False, **options),
                 lambda: attention.train_classifier(epochs=1, progress=False, image_size=8, **options),
                 lambda: dia_interrelations.run_ablation({**dia_interrelations.resolve(
                     notebook_defaults("03_dia_lstm_interrelations")),
-                                                         "channels_last": True, "compile": True}, progress=False)):
+                                                         "channels_last": True, "compile": True}, progress=False),
+                lambda: batch_noise.run_grid({**batch_noise.resolve(notebook_defaults("01_batch_noise")),
+                                              "norms": ["bn"], "channels_last": True, "compile": True},
+                                             progress=False)):
         with pytest.raises(RuntimeError, match="stop after the call"):
             run()
-    assert calls == [options] * 3
+    assert calls == [options] * 4
 
 
 TRAIN = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--batch-size", "16",

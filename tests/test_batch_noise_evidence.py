@@ -3,6 +3,7 @@ refusals before training, the gamma-compensated initialisation, the mix verdict,
 
 import pytest
 import torch
+from fake_datasets import write_fake_cifar100
 from test_batch_noise_experiment import Head, tiny
 
 from workbench.data import get_dataset
@@ -126,10 +127,12 @@ def test_fewer_than_two_seeds_refused_before_training(monkeypatch):
                                  micro_batches=4))
 
 
-def test_presets_quick_standard_full():
+def test_presets_quick_standard_full(tmp_path, monkeypatch):
     base = dict(kind="mean", lr=0.1, mix_shift="invert", micro_batches=4)
     standard = batch_noise.resolve(dict(preset="standard", **base))
     assert standard["dataset"] == "fashion-mnist" and standard["seeds"] >= 3 and standard["mix_seeds"] >= 3
+    monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path))
+    write_fake_cifar100(tmp_path)  # the full preset's data must be on disk (refused with its layout otherwise)
     assert batch_noise.resolve(dict(preset="full", **base))["dataset"] == "cifar100"
     quick = batch_noise.resolve(dict(preset="quick", **base))
     assert quick["iebn_init"] == "official" and set(quick["attacks"]) >= {"constant", "constant-noisy-stats"}

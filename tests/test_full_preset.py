@@ -7,10 +7,10 @@ from fake_datasets import write_fake_cifar100, write_fake_cityscapes
 
 from workbench import cli, runner
 from workbench.data import DATA_ENV_VAR
-from workbench.experiments import attention, dia_interrelations, quickstart
+from workbench.experiments import attention, batch_noise, dia_interrelations, quickstart
 from workbench.sweep import check_grid
 
-CIFAR_NOTEBOOKS = {"00_quickstart": quickstart, "02_attention_weights": attention,
+CIFAR_NOTEBOOKS = {"00_quickstart": quickstart, "01_batch_noise": batch_noise, "02_attention_weights": attention,
                    "03_dia_lstm_interrelations": dia_interrelations}
 ALL = ["00_quickstart", "01_batch_noise", "02_attention_weights", "03_dia_lstm_interrelations",
        "04_pruning_sparsity"]
@@ -53,7 +53,8 @@ def test_full_preset_reads_cifar100_when_present(name, empty_root):
 def test_quick_preset_is_unaffected(name, empty_root):
     params = CIFAR_NOTEBOOKS[name].resolve({**_spec(name).defaults, "device": "cpu"})
     assert params["dataset"] == "digits"
-    expected = {"00_quickstart": {"epochs": 15}, "02_attention_weights": {"epochs": 8, "width": 0.5, "image_size": 16},
+    expected = {"00_quickstart": {"epochs": 15}, "01_batch_noise": {"epochs": 3, "width": 0.5, "image_size": 16},
+                "02_attention_weights": {"epochs": 8, "width": 0.5, "image_size": 16},
                 "03_dia_lstm_interrelations": {"epochs": 5, "width": 0.5, "image_size": 16, "stab_epochs": 8}}[name]
     assert {k: params[k] for k in expected} == expected
     assert (params["amp"], params["channels_last"], params["compile"]) == ("off", False, False)

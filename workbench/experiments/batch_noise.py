@@ -39,11 +39,12 @@ from torch.utils.data import DataLoader
 from workbench.data import accepted_options, describe_dataset, get_dataset, make_loader
 from workbench.data.mixed import SHIFTS, MixedDataset, ShiftedDataset, SourceBatchSampler, per_source_accuracy
 from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.experiments.acceleration import acceleration_options, resolve_params_acceleration
 from workbench.experiments.batch_noise_evidence import ATTACKS, IEBN_INITS
-from workbench.experiments.dataset_choice import dataset_param
+from workbench.experiments.dataset_choice import check_preset_data, dataset_param
 from workbench.experiments.quickstart import default_recipe
 from workbench.noise import NOISE_KINDS, batch_stat_noise
-from workbench.params import COMMON, Param, validate
+from workbench.params import ACCELERATION, COMMON, Param, validate
 from workbench.probes import (
     GradientNoiseScale,
     GradientSNR,
@@ -59,6 +60,7 @@ REFERENCE_LR_BATCH = 64
 
 PARAMETERS = {
     **COMMON,
+    **ACCELERATION,
     "dataset": dataset_param("classification", nullable=True,
                              help="None: the preset's (digits / cifar100); or a registered name or a folder path"),
     "image_size": Param(int, min=8, max=64, nullable=True,
@@ -164,7 +166,8 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     if params["batch_size"] < params.get("micro_batches", 4) * 2:
         raise ValueError(f"parameter batch_size={params['batch_size']} is too small for micro_batches="
                          f"{params.get('micro_batches')}; allowed: batch_size >= 2 * micro_batches")
-    return params
+    check_preset_data(params["dataset"], params["preset"])  # the full preset's CIFAR-100: its layout when absent
+    return resolve_params_acceleration(params)
 
 
 def apply_cpu_threads(params: dict[str, Any]) -> int:
@@ -208,12 +211,14 @@ def train_one(norm: str, level: float, batch_size: int, seed: int, *, kind: str 
               width: float = 0.5, epochs: int = 4, lr: float = 0.1, dataset: str = "digits",
               image_size: int | None = None, device: str | torch.device = "auto", train_set: Any = None,
               test_set: Any = None, callbacks: Sequence[Any] = (), noise_seed: int | None = None,
-              batch_sampler: Any = None, net: nn.Module | None = None, running_stats: str = "clean") -> dict:
+              batch_sampler: Any = None, net: nn.Module | None = None, running_stats: str = "clean",
+              amp: str = "off", channels_last: bool = False, compile: bool = False) -> dict:
     """Train one model under batch-statistic noise of ``level``; evaluate clean test accuracy.
 
     ``batch_sampler`` replaces the shuffled loader (the mix attack's single-source control); ``net``
     replaces the freshly built network (a paired arm, :func:`workbench.recipe.paired_models`);
-    ``running_stats`` is the noise's (``"clean"`` or ``"noisy"``, see :mod:`workbench.noise`).
+    ``running_stats`` is the noise's (``"clean"`` or ``"noisy"``, see :mod:`workbench.noise`);
+    ``amp``, ``channels_last`` and ``compile`` go to :func:`workbench.train.fit`.
 
     Returns ``{"norm", "level", "batch_size", "seed", "test_acc", "test_loss", "train_loss",
     "losses" (per step), "history", "seconds", "model"}``.
@@ -251,7 +256,8 @@ def train_one(norm: str, level: float, batch_size: int, seed: int, *, kind: str 
     try:
         result = fit(net, train_loader, None, epochs, optimizer=optimizer, scheduler=scheduler,
                      scheduler_interval="step", callbacks=[*([noise] if noise else []), *callbacks, _StepLog(log)],
-                     device=dev, progress=False, grad_clip=grad_clip)
+                     device=dev, progress=False, grad_clip=grad_clip, amp=amp, channels_last=channels_last,
+                     compile=compile)
         history = result.history
     except NonFiniteLossError:
         # strong noise can blow training up: that is a result (chance accuracy), not a crash
@@ -259,7 +265,7 @@ def train_one(norm: str, level: float, batch_size: int, seed: int, *, kind: str 
     finally:
         if noise is not None:
             noise.remove()
-    test = evaluate(net, test_loader, dev)
+    test = evaluate(net, test_loader, dev, amp=amp, channels_last=channels_last)
     return {"norm": norm, "level": float(level), "batch_size": batch_size, "seed": seed, "test_acc": test["acc"],
             "test_loss": test["loss"], "train_loss": history[-1]["train_loss"] if history else math.nan,
             "diverged": diverged, "losses": [e["loss"] for e in log], "history": history,
@@ -309,7 +315,8 @@ def run_grid(params: dict[str, Any], progress: bool = True) -> dict:
                          GradientSNR(every=params["probe_every"], micro_batches=params["micro_batches"])]
         run = train_one(norm, level, bs, seed, kind=params["kind"], model=params["model"], width=params["width"],
                         epochs=params["epochs"], lr=params["lr"], dataset=params["dataset"],
-                        device=params["device"], train_set=train_set, test_set=test_set, callbacks=callbacks)
+                        device=params["device"], train_set=train_set, test_set=test_set, callbacks=callbacks,
+                        **acceleration_options(params))
         if callbacks:
             probe_logs[norm] = {cb.name: cb.log().to_dict() for cb in callbacks}
         if reference:
@@ -401,7 +408,7 @@ def run_mix_attack(params: dict[str, Any], progress: bool = True) -> list[dict]:
         sampler = SourceBatchSampler(train.sources, params["batch_size"], seed) if arm == "separate" else None
         run = train_one(norm, 0.0, params["batch_size"], seed, model=params["model"], width=params["width"],
                         epochs=params.get("mix_epochs") or params["epochs"], lr=params["lr"], device=params["device"],
-                        train_set=train, test_set=test, batch_sampler=sampler)
+                        train_set=train, test_set=test, batch_sampler=sampler, **acceleration_options(params))
         acc = per_source_accuracy(run["model"], test, device=device)
         rows.append({"norm": norm, "seed": seed, "arm": arm, **acc})
         if arm == "separate" and norm != "none":

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.experiments.acceleration import acceleration_options
 from workbench.nn.iebn import IEBN2d
 from workbench.probes.gate import GateEngagement, gate_engagement_warning
 from workbench.recipe import Trial, Verdict, paired_models, run_trial, verdicts_from_rows
@@ -128,7 +129,7 @@ def _train(params: Mapping[str, Any], data: tuple[Any, Any], arm: str, seed: int
     return train_one(arm, level, params["batch_size"], seed, kind=kind, running_stats=running_stats,
                      model=params["model"], width=params["width"], epochs=params["evidence_epochs"],
                      lr=params["lr"], device=params["device"], train_set=data[0], test_set=data[1], net=net,
-                     callbacks=callbacks)
+                     callbacks=callbacks, **acceleration_options(params))
 
 
 def calibrate(params: Mapping[str, Any], data: tuple[Any, Any], progress: bool = True) -> dict[str, Any]:

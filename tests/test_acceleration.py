@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from workbench.device import resolve_acceleration
-from workbench.experiments import attention, batch_noise, dia_interrelations, quickstart
+from workbench.experiments import attention, batch_noise, dia_interrelations, pruning, quickstart
+from workbench.experiments import pruning_comparison as comparison
 from workbench.train import fit
 
 NOTEBOOKS = {"00_quickstart": quickstart, "01_batch_noise": batch_noise, "02_attention_weights": attention,
-             "03_dia_lstm_interrelations": dia_interrelations}
+             "03_dia_lstm_interrelations": dia_interrelations, "04_pruning_sparsity": pruning}
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
@@ -109,7 +110,7 @@ def test_notebook_parameters_resolve_for_the_device(name, fake_cuda):
         cpu.setattr(torch.cuda, "is_available", lambda: False)
         params = module.resolve(dict(defaults))
         assert (params["amp"], params["channels_last"], params["compile"], params["dataset"]) == (
-            "off", False, False, "digits")
+            "off", False, False, module.PRESETS["quick"]["dataset"])
         with pytest.raises(ValueError, match=r"amp='bf16' needs a CUDA device, got cpu"):
             module.resolve({**defaults, "amp": "bf16"})
         assert module.resolve({**defaults, "channels_last": True, "compile": True})["channels_last"] is True
@@ -134,6 +135,7 @@ def test_experiments_hand_the_resolved_options_to_fit(monkeypatch):
     monkeypatch.setattr(quickstart, "fit", spy_fit)
     monkeypatch.setattr(attention, "fit", spy_fit)
     monkeypatch.setattr(batch_noise, "fit", spy_fit)
+    monkeypatch.setattr(pruning, "fit", spy_fit)
     options = {"amp": "off", "channels_last": True, "compile": True}
     for run in (lambda: quickstart.run_quickstart(epochs=1, progress=False, **options),
                 lambda: attention.train_classifier(epochs=1, progress=False, image_size=8, **options),
@@ -142,10 +144,26 @@ def test_experiments_hand_the_resolved_options_to_fit(monkeypatch):
                                                          "channels_last": True, "compile": True}, progress=False),
                 lambda: batch_noise.run_grid({**batch_noise.resolve(notebook_defaults("01_batch_noise")),
                                               "norms": ["bn"], "channels_last": True, "compile": True},
-                                             progress=False)):
+                                             progress=False),
+                lambda: pruning.train_seed(**{**pruning.resolve(notebook_defaults("04_pruning_sparsity")),
+                                              "seed": 0, "channels_last": True, "compile": True}),
+                lambda: pruning.finetune(nn.Conv2d(3, 3, 1), [(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4).long())],
+                                         1, lr=0.1, optimizer="sgd", seed=0, dev=torch.device("cpu"), num_classes=3,
+                                         ignore_index=255, **options)):
         with pytest.raises(RuntimeError, match="stop after the call"):
             run()
-    assert calls == [options] * 4
+    assert calls == [options] * 6
+    seen = []
+
+    def spy_train_seed(**kwargs):
+        seen.append({k: kwargs.get(k) for k in ("amp", "channels_last", "compile")})
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(comparison, "train_seed", spy_train_seed)
+    params = pruning.resolve({**notebook_defaults("04_pruning_sparsity"), "channels_last": True, "compile": True})
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        comparison.compare_at_flops(params, progress=False)
+    assert seen == [options]
 
 
 TRAIN = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--batch-size", "16",

@@ -7,7 +7,7 @@ from fake_datasets import write_fake_cifar100, write_fake_cityscapes
 
 from workbench import cli, runner
 from workbench.data import DATA_ENV_VAR
-from workbench.experiments import attention, batch_noise, dia_interrelations, quickstart
+from workbench.experiments import attention, batch_noise, dia_interrelations, pruning, quickstart
 from workbench.sweep import check_grid
 
 CIFAR_NOTEBOOKS = {"00_quickstart": quickstart, "01_batch_noise": batch_noise, "02_attention_weights": attention,
@@ -58,6 +58,17 @@ def test_quick_preset_is_unaffected(name, empty_root):
                 "03_dia_lstm_interrelations": {"epochs": 5, "width": 0.5, "image_size": 16, "stab_epochs": 8}}[name]
     assert {k: params[k] for k in expected} == expected
     assert (params["amp"], params["channels_last"], params["compile"]) == ("off", False, False)
+
+
+def test_full_preset_without_cityscapes_is_refused_in_notebook_04(empty_root):
+    defaults = _spec("04_pruning_sparsity").defaults
+    with pytest.raises(ValueError, match=CITYSCAPES_MISSING):
+        pruning.resolve({**defaults, "preset": "full"})
+    params = pruning.resolve({**defaults, "device": "cpu"})
+    assert (params["dataset"], params["epochs"], params["amp"], params["channels_last"]) == (
+        "fashion-scenes", 4, "off", False), "the quick preset is unchanged"
+    write_fake_cityscapes(empty_root)
+    assert pruning.resolve({**defaults, "preset": "full"})["dataset"] == "cityscapes"
 
 
 def test_runner_refuses_the_full_preset_before_a_kernel_starts(empty_root, tmp_path, capsys):

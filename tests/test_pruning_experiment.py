@@ -7,6 +7,7 @@ import json
 
 import plotly.graph_objects as go
 import pytest
+from fake_datasets import write_fake_cityscapes
 
 from workbench.experiments import pruning as exp
 from workbench.experiments import pruning_comparison as cmp
@@ -126,11 +127,16 @@ def test_a_flops_target_out_of_reach_is_refused_before_training_with_the_range(
 
 def test_the_full_preset_without_cityscapes_names_the_expected_layout(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path))
-    params = exp.resolve({"preset": "full", "device": "cpu"})
-    assert params["dataset"] == "cityscapes" and params["seed_list"] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"parameter dataset='cityscapes' \(preset 'full'\): .*leftImg8bit.*Expected "
+                                         r"layout"):
+        exp.resolve({"preset": "full", "device": "cpu"})  # refused with the parameters, before any training
+    params = {**exp.resolve({"preset": "quick", "device": "cpu"}), "dataset": "cityscapes"}
     _no_training(monkeypatch)
     with pytest.raises(FileNotFoundError, match="leftImg8bit"):
         cmp.check_comparison(**params)
+    write_fake_cityscapes(tmp_path)
+    params = exp.resolve({"preset": "full", "device": "cpu"})
+    assert params["dataset"] == "cityscapes" and params["seed_list"] == [0, 1, 2]
 
 
 def test_resolve_fills_preset_and_rejects_bad_values() -> None:

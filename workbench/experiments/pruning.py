@@ -41,10 +41,11 @@ from torch import nn
 
 from workbench.data import accepted_options, get_dataset, make_loader
 from workbench.device import describe_device, resolve_device, seed_everything
+from workbench.experiments.acceleration import resolve_params_acceleration
 from workbench.experiments.attention import limit_cpu_threads
-from workbench.experiments.dataset_choice import dataset_param
+from workbench.experiments.dataset_choice import check_preset_data, dataset_param
 from workbench.nn.norms import is_affine_norm, is_norm
-from workbench.params import COMMON, Param, validate
+from workbench.params import ACCELERATION, COMMON, Param, validate
 from workbench.probes import BNScaleProbe
 from workbench.pruning import (
     BNScaleSparsity,
@@ -67,6 +68,7 @@ PRESET_NAMES = ("quick", "standard", "full")
 
 PARAMETERS = {
     **COMMON,
+    **ACCELERATION,
     "preset": Param(str, choices=PRESET_NAMES,
                     help="quick: a smoke run (minutes, 2 seeds); standard: the evidence run (<= 30 min on 2 CPU "
                          "cores); full: paper-sized (Cityscapes, GPU)"),
@@ -120,7 +122,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve(params: dict[str, Any]) -> dict[str, Any]:
-    """Validate the notebook's parameters and fill the ones left ``None`` from the preset."""
+    """Validate the notebook's parameters and fill the ones left ``None`` from the preset; a preset whose
+    data is absent (Cityscapes: the expected layout) and acceleration the device cannot run are refused."""
     params = validate(params, PARAMETERS, where="04_pruning_sparsity")
     preset = PRESETS[params.get("preset", "quick")]
     for key, value in preset.items():
@@ -132,7 +135,8 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     if not params["flops_targets"]:
         raise ValueError("parameter flops_targets=[] is not valid; allowed: a non-empty list of fractions in (0, 1)")
     params["seed_list"] = [params.get("seed", 0) + i for i in range(params["seeds"])]
-    return params
+    check_preset_data(params["dataset"], params["preset"])
+    return resolve_params_acceleration(params)
 
 
 def segmentation_split(dataset: str, split: str, scenes: int) -> Any:
@@ -198,8 +202,10 @@ def _sparsity_callback(regime: str, lam: float, mode: str) -> Any:
 
 def _train(net: nn.Module, regime: str, *, epochs: int, lam: float, batch_size: int, lr: float, optimizer: str,
            sparsity_mode: str, dev: torch.device, seed: int, train_scenes: int | None, test_scenes: int | None,
-           dataset: str, progress: bool, epoch_offset: int = 0) -> dict:
-    """Train ``net`` in place under ``regime`` (loader order from ``seed``); plain data back."""
+           dataset: str, progress: bool, epoch_offset: int = 0, amp: str = "off", channels_last: bool = False,
+           compile: bool = False) -> dict:
+    """Train ``net`` in place under ``regime`` (loader order from ``seed``; ``amp``, ``channels_last`` and
+    ``compile`` as :func:`workbench.train.fit` takes them); plain data back."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not valid; allowed: {OPTIMIZERS}")
     train_loader, test_loader, train_set = _loaders(batch_size, seed, train_scenes, test_scenes, dataset)
@@ -215,7 +221,8 @@ def _train(net: nn.Module, regime: str, *, epochs: int, lam: float, batch_size: 
     started = time.perf_counter()
     result = fit(net.to(dev), train_loader, None, epochs, optimizer=opt, scheduler=scheduler,
                  scheduler_interval="step", callbacks=callbacks, device=dev, task="segmentation",
-                 ignore_index=_ignore_index(train_set), num_classes=num_classes, progress=progress)
+                 ignore_index=_ignore_index(train_set), num_classes=num_classes, progress=progress, amp=amp,
+                 channels_last=channels_last, compile=compile)
     metrics = _segment_metrics(net, test_loader, dev, num_classes)
     for record in recorder.records:  # epochs count from the dense network's start
         record["epoch"] += epoch_offset
@@ -235,7 +242,7 @@ def train_seed(*, seed: int = 0, model: str = "pspnet_resnet18", norm: str = "bn
                optimizer: str = "adamw", bn_init: float | None = 0.5, sparsity_mode: str = "proximal",
                device: Any = "auto", train_scenes: int | None = 512, test_scenes: int | None = 128,
                cpu_threads: int | None = None, progress: bool = False, dataset: str = "digit-scenes",
-               **_: Any) -> dict[str, dict]:
+               amp: str = "off", channels_last: bool = False, compile: bool = False, **_: Any) -> dict[str, dict]:
     """One seed's networks: ``{"plain": dense run, "l1": ..., "cags": ...}``.
 
     The dense network is built and trained once (``epochs``, no sparsity); ``l1`` and ``cags`` each
@@ -250,7 +257,8 @@ def train_seed(*, seed: int = 0, model: str = "pspnet_resnet18", norm: str = "bn
     dev = resolve_device(device)
     num_classes = segmentation_split(dataset, "train", train_scenes).num_classes
     common = dict(lam=lam, batch_size=batch_size, lr=lr, optimizer=optimizer, sparsity_mode=sparsity_mode, dev=dev,
-                  seed=seed, train_scenes=train_scenes, test_scenes=test_scenes, dataset=dataset, progress=progress)
+                  seed=seed, train_scenes=train_scenes, test_scenes=test_scenes, dataset=dataset, progress=progress,
+                  amp=amp, channels_last=channels_last, compile=compile)
     with limit_cpu_threads(cpu_threads, dev):
         dense = build_network(model, num_classes, norm=norm, width=width, bn_init=bn_init, seed=seed)
         runs = {"plain": _train(dense, "plain", epochs=epochs, **common)}
@@ -280,23 +288,27 @@ def prune_arm(runs: dict[str, dict], arm: str) -> tuple[nn.Module, dict]:
 
 
 def finetune(net: nn.Module, train_loader: Any, epochs: int, *, lr: float, optimizer: str, seed: int,
-             dev: torch.device, num_classes: int, ignore_index: int, progress: bool = False) -> None:
+             dev: torch.device, num_classes: int, ignore_index: int, progress: bool = False, amp: str = "off",
+             channels_last: bool = False, compile: bool = False) -> None:
     """Fine-tune a pruned ``net`` in place: ``optimizer`` at ``0.3 * lr``, cosine over the steps, batch
-    order from ``seed`` (the same for every arm of a seed)."""
+    order from ``seed`` (the same for every arm of a seed); ``amp``, ``channels_last`` and ``compile`` as
+    :func:`workbench.train.fit` takes them."""
     if epochs <= 0:
         return
     seed_everything(seed)
     opt = make_optimizer(net, optimizer, lr * 0.3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(train_loader))
     fit(net, train_loader, None, epochs, optimizer=opt, scheduler=scheduler, scheduler_interval="step", device=dev,
-        task="segmentation", num_classes=num_classes, ignore_index=ignore_index, progress=progress)
+        task="segmentation", num_classes=num_classes, ignore_index=ignore_index, progress=progress, amp=amp,
+        channels_last=channels_last, compile=compile)
 
 
 def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequence[str] = ("slimming", "cap"), *,
                 finetune_epochs: int = 3, lr: float = 3e-3, optimizer: str = "adamw", batch_size: int = 16,
                 device: Any = "auto", seed: int = 0, train_scenes: int | None = 512, test_scenes: int | None = 128,
                 cpu_threads: int | None = None, latency_batch: int = 8, progress: bool = False,
-                keep_models: bool = False, dataset: str = "digit-scenes", **_: Any) -> list[dict]:
+                keep_models: bool = False, dataset: str = "digit-scenes", amp: str = "off",
+                channels_last: bool = False, compile: bool = False, **_: Any) -> list[dict]:
     """Prune each arm's network (:data:`ARMS`) at every channel ratio, evaluate, optionally fine-tune.
 
     Returns tidy rows ``{method, source, ratio, params_*, flops_*, latency_ms_*, miou_unpruned,
@@ -324,7 +336,8 @@ def prune_sweep(runs: dict[str, dict], ratios: Sequence[float], methods: Sequenc
                 tuned = None
                 if finetune_epochs > 0:
                     finetune(pruned, train_loader, finetune_epochs, lr=lr, optimizer=optimizer, seed=seed, dev=dev,
-                             num_classes=num_classes, ignore_index=_ignore_index(train_set), progress=progress)
+                             num_classes=num_classes, ignore_index=_ignore_index(train_set), progress=progress,
+                             amp=amp, channels_last=channels_last, compile=compile)
                     tuned = _segment_metrics(pruned, test_loader, dev, num_classes)
                 d = report.to_dict()
                 row = {

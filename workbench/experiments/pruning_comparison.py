@@ -96,17 +96,20 @@ def run_seed_comparison(seed: int, flops_targets: Sequence[float], arms: Sequenc
                         optimizer: str = "adamw", batch_size: int = 16, device: Any = "auto",
                         train_scenes: int | None = 512, test_scenes: int | None = 128,
                         cpu_threads: int | None = None, dataset: str = "digit-scenes", keep_models: bool = False,
-                        progress: bool = False, **train_options: Any) -> tuple[dict, list[dict]]:
+                        progress: bool = False, amp: str = "off", channels_last: bool = False,
+                        compile: bool = False, **train_options: Any) -> tuple[dict, list[dict]]:
     """One seed of the protocol (module docstring): ``(runs, rows)``, one row per (target, arm).
 
     ``runs`` (from :func:`~workbench.experiments.pruning.train_seed` with this ``seed`` and the same
     options) skips the training; ``keep_models`` keeps each pruned, fine-tuned net under ``"model"``.
+    ``amp``, ``channels_last`` and ``compile`` apply to the training and the fine-tuning.
     """
+    acceleration = {"amp": amp, "channels_last": channels_last, "compile": compile}
     dev = resolve_device(device)
     data = dict(batch_size=batch_size, train_scenes=train_scenes, test_scenes=test_scenes, dataset=dataset)
     if runs is None:
         runs = train_seed(seed=seed, lr=lr, optimizer=optimizer, device=dev, cpu_threads=cpu_threads,
-                          progress=progress, **data, **train_options)
+                          progress=progress, **data, **acceleration, **train_options)
     train_loader, test_loader, train_set = _loaders(batch_size, seed, train_scenes, test_scenes, dataset)
     example = next(iter(test_loader))[0][:1].to(dev)
     rows = []
@@ -118,7 +121,8 @@ def run_seed_comparison(seed: int, flops_targets: Sequence[float], arms: Sequenc
                 net, report = prune_to_flops(base.to(dev), target, example, latency=False, **options)
                 pruned = _segment_metrics(net, test_loader, dev, train_set.num_classes)
                 finetune(net, train_loader, finetune_epochs, lr=lr, optimizer=optimizer, seed=seed, dev=dev,
-                         num_classes=train_set.num_classes, ignore_index=_ignore_index(train_set), progress=progress)
+                         num_classes=train_set.num_classes, ignore_index=_ignore_index(train_set), progress=progress,
+                         **acceleration)
                 row = _row(arm, seed, float(target), runs, report, pruned,
                            _segment_metrics(net, test_loader, dev, train_set.num_classes))
                 if keep_models:

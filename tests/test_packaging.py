@@ -22,6 +22,10 @@ EXTRA_NOT_IMPORTED = {
     "kaleido": "plotly's image engine behind `fig.write_image` (`make images`)",
 }
 
+# Imported only where present, never declared: Triton ships with PyTorch's Linux CUDA builds and is
+# used only on a CUDA device (the fused IEBN operator); declaring it would break installs elsewhere.
+OPTIONAL_NOT_DECLARED = {"triton"}
+
 
 def _dist_name(requirement: str) -> str:
     return re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
@@ -36,7 +40,8 @@ def _top_level_imports(folder: Path) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return {name for name in names if name not in sys.stdlib_module_names and name not in local | {"workbench"}}
+    skip = local | {"workbench"} | OPTIONAL_NOT_DECLARED
+    return {name for name in names if name not in sys.stdlib_module_names and name not in skip}
 
 
 def _distributions(modules: set[str]) -> set[str]:

@@ -12,10 +12,10 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ._validate import check_bool, check_choice, check_int
+from .in_memory import InMemoryImageDataset
 
 DIGITS_SPLITS = ("train", "test")
 DIGITS_TEST_FRACTION = 0.2
@@ -67,7 +67,7 @@ def _prepared(size: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
     return xs, ys, mean, std
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(InMemoryImageDataset):
     """scikit-learn digits upsampled (bilinear) to ``size`` x ``size``, 3 identical channels.
 
     Normalised with the mean/std of the train split at that size. Items are
@@ -98,25 +98,6 @@ class DigitsDataset(Dataset):
         self.background_value = -mean / std
         self._augment = (v2.RandomCrop(self.size, padding=max(1, self.size // 16), fill=self.background_value)
                          if augment else None)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.images[index]
-        if self._augment is not None:
-            x = self._augment(x)
-        return x, int(self.targets[index])
-
-    def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as ``(X (N,3,S,S) float32, y (N,) int64)``, un-augmented, as fresh copies.
-
-        The set is tiny (about 17 MB at 32x32), so full-batch work on a GPU is one transfer.
-        """
-        x, y = self.images.clone(), self.targets.clone()
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        return x, y
 
     def __repr__(self) -> str:
         return (f"DigitsDataset(split={self.split!r}, size={self.size}, augment={self.augment}, "

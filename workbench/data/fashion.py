@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ._validate import check_bool, check_choice, check_int
 from .checksums import verify_manifest
 from .idx import read_idx
+from .in_memory import InMemoryImageDataset
 from .paths import DATA_ENV_VAR, implicit_data_root, resolve_root, shipped_data_dir
 
 FASHION_SPLITS = ("train", "test")
@@ -176,7 +176,7 @@ def _fit(x: torch.Tensor, size: int, fit: str) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < _NATIVE)
 
 
-class FashionMNISTDataset(Dataset):
+class FashionMNISTDataset(InMemoryImageDataset):
     """Fashion-MNIST at ``size`` x ``size`` with ``channels`` (1 or 3 identical) channels.
 
     ``subset``: ``"quick"`` (shipped, 500/100 per class) or ``"full"`` (60,000/10,000, from ``root``
@@ -221,26 +221,6 @@ class FashionMNISTDataset(Dataset):
         self.background_value = -mean / std
         self._augment = v2.Compose([v2.RandomCrop(size, padding=max(1, size // 16), fill=self.background_value),
                                     v2.RandomHorizontalFlip()]) if augment else None
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.images[index]
-        if self._augment is not None:
-            x = self._augment(x)
-        return x.expand(self.in_channels, -1, -1), int(self.targets[index])
-
-    def tensors(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as ``(X (N,C,S,S) float32, y (N,) int64)``, un-augmented, as fresh copies.
-
-        The quick train split is 47 MB at 28x28x3; the full one 560 MB (meant for a GPU).
-        """
-        x = self.images.expand(-1, self.in_channels, -1, -1).clone()
-        y = self.targets.clone()
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        return x, y
 
     def __repr__(self) -> str:
         return (f"FashionMNISTDataset(split={self.split!r}, subset={self.subset!r}, size={self.size}, "

@@ -223,6 +223,10 @@ def test_instrumented_run_in_one_process_and_resume(tmp_path):
     assert [r["step"] for r in gns["records"]] == [0, 1, 2, 3, 4]
 
 
+def _max_gap(a, b):
+    return max((a[key].float() - value.float()).abs().max().item() for key, value in b.items())
+
+
 @pytest.mark.slow
 def test_instrumented_ddp_matches_one_process(tmp_path):
     """Noise (mean attack on synced BN), CAGS and every gradient probe under two gloo ranks, against
@@ -230,25 +234,36 @@ def test_instrumented_ddp_matches_one_process(tmp_path):
     ~2e-7 (measured), so 1e-5 is allowed. The check has teeth: without averaging the CAGS guides
     over the ranks the gap is ~7e-4 (strength 1e-2), and a rank drawing its own noise or
     normalising with local statistics would differ at the 1e-2 level. Rank 0 writes every probe
-    log, the gradient noise scale by the per-rank vs all-reduced estimator."""
-    cfg_file = _write_yaml(tmp_path / "run.yaml", INSTRUMENTED)
-    args = [*COMMON, "--config", cfg_file, "--max-steps", "3"]
-    _run_torchrun(tmp_path / "ddp", args)
-    assert main([*args, "--output", str(tmp_path / "single")]) == 0
-    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
-    single = load_checkpoint(tmp_path / "single" / "last.pt")
-    for key, value in single["model"].items():
-        torch.testing.assert_close(ddp["model"][key].float(), value.float(), rtol=0, atol=1e-5, msg=key)
+    log, the gradient noise scale by the per-rank vs all-reduced estimator.
+
+    Two runs that differ only in float32 summation order are ill-conditioned through the ReLUs:
+    one pre-activation within ~1e-7 of zero takes the other side of the kink in one run, and the
+    gradients of every layer below it move by ~1e-3 (seen on a 2-core AMD EPYC with noise seed 3,
+    where one of 600k pre-activations flipped; not on a Xeon). So the comparison runs for two noise
+    seeds and passes when either agrees: a systematic defect, such as the ones above, fails both."""
+    gaps = {}
+    for noise_seed in (3, 11):
+        config = {**INSTRUMENTED, "noise": {**INSTRUMENTED["noise"], "seed": noise_seed}}
+        run = tmp_path / f"noise-seed-{noise_seed}"
+        cfg_file = _write_yaml(run.with_suffix(".yaml"), config)
+        args = [*COMMON, "--config", cfg_file, "--max-steps", "3"]
+        _run_torchrun(run / "ddp", args)
+        assert main([*args, "--output", str(run / "single")]) == 0
+        gaps[noise_seed] = _max_gap(load_checkpoint(run / "ddp" / "last.pt")["model"],
+                                    load_checkpoint(run / "single" / "last.pt")["model"])
+        if gaps[noise_seed] <= 1e-5:
+            break
+    assert min(gaps.values()) <= 1e-5, f"largest parameter gap by noise seed: {gaps}"
     for name in PROBE_FILES:
-        assert json.loads((tmp_path / "ddp" / f"{name}.json").read_text())["records"], name
-    gns = json.loads((tmp_path / "ddp" / "gradient_noise_scale.json").read_text())
+        assert json.loads((run / "ddp" / f"{name}.json").read_text())["records"], name
+    gns = json.loads((run / "ddp" / "gradient_noise_scale.json").read_text())
     assert gns["config"]["method"] == "ddp"
     assert [(r["step"], r["b"], r["B"], r["ranks"]) for r in gns["records"]] == [(s, 8, 16, 2) for s in range(3)]
-    history = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    history = json.loads((run / "ddp" / "history.json").read_text())
     assert history["step_log"][0]["noise_level"] == 0.5 and history["world_size"] == 2
     # the DDP checkpoint (probe and CAGS states included) resumes in one process
-    assert main([*args, "--epochs", "2", "--max-steps", "4", "--resume", "--output", str(tmp_path / "ddp")]) == 0
-    assert [r["step"] for r in json.loads((tmp_path / "ddp" / "gradient_noise_scale.json").read_text())["records"]] \
+    assert main([*args, "--epochs", "2", "--max-steps", "4", "--resume", "--output", str(run / "ddp")]) == 0
+    assert [r["step"] for r in json.loads((run / "ddp" / "gradient_noise_scale.json").read_text())["records"]] \
         == [0, 1, 2, 3]
 
 
@@ -481,8 +496,32 @@ def test_nodes_that_do_not_share_the_output_are_refused(tmp_path):
     outputs = [tmp_path / "disk0" / "run", tmp_path / "disk1" / "run"]
     procs = _launch_nodes(outputs, [*COMMON, "--max-steps", "1"], tmp_path)
     errors = procs[0].output_text + procs[1].output_text
-    assert [p.returncode for p in procs] == [2, 2], errors[-3000:]
+    # node 1 either reports the refusal itself (2) or, when node 0 and its store left before node 1's
+    # agent saw its workers stop, says that the store went away (1); never a traceback
+    assert procs[0].returncode == 2 and procs[1].returncode in (1, 2), errors[-3000:]
+    if procs[1].returncode == 1:
+        assert "went away while this node's workers were running" in procs[1].output_text, errors[-3000:]
     assert "is not one folder shared by every node" in errors and "cannot see the files written there by rank" \
         in errors, errors[-3000:]
     assert "Traceback" not in errors, errors[-3000:]
     assert not outputs[0].exists() and not outputs[1].exists(), "the folders the check made are removed"
+
+
+def test_a_node_that_loses_node_0s_store_says_so_without_a_traceback(monkeypatch, capsys):
+    """Node 0 hosts the rendezvous store and leaves as soon as its workers stop; a node whose agent
+    is still polling then loses the store. It reports that (exit 1) instead of torchrun's traceback;
+    on one node the error is not expected and propagates."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    from workbench.distributed import Launch, run_torchrun
+
+    def lose_store(args):
+        raise RendezvousConnectionError("The connection to the C10d store has failed.")
+
+    monkeypatch.setattr(torchrun, "run", lose_store)
+    launch = Launch(nproc_per_node=1, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29400")
+    assert run_torchrun(launch, "workbench.train_cli", []) == 1
+    assert "the rendezvous store at 10.0.0.1:29400 (node 0) went away" in capsys.readouterr().err
+    with pytest.raises(RendezvousConnectionError):
+        run_torchrun(Launch(nproc_per_node=1), "workbench.train_cli", [])

@@ -229,6 +229,7 @@ def run_torchrun(launch: Launch, module: str, argv: list[str]) -> int:
     not share) ends the launch with that message and an exit code instead of torchrun's traceback."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
     args = torchrun.parse_args([*launch.torchrun_args(), "-m", module, *argv])
     try:
@@ -238,4 +239,12 @@ def run_torchrun(launch: Launch, module: str, argv: list[str]) -> int:
         print(f"error: torchrun worker(s) failed with exit code(s) {codes}; their messages are above",
               file=sys.stderr)
         return next((c for c in codes if c > 0), 1)
+    except RendezvousConnectionError:
+        if launch.nnodes == 1:
+            raise
+        # Node 0 hosts the store and leaves as soon as its own workers stop (a refused config,
+        # an unshared --output), often before this node's agent has seen its workers stop too.
+        print(f"error: the rendezvous store at {launch.rdzv_endpoint} (node 0) went away while this node's "
+              "workers were running: node 0 stopped; its output says why", file=sys.stderr)
+        return 1
     return 0

@@ -452,3 +452,20 @@ def iebn_reference(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, 
     w = torch.ones_like(attn_weight) if weight is None else weight
     b = torch.zeros_like(attn_weight) if bias is None else bias
     return x_hat * (w.view(shape) * gate) + b.view(shape)
+
+
+def layer_sharing_state(cls, bn, **kwargs):
+    """A new ``cls`` normalisation layer with ``bn``'s configuration that *shares* its affine
+    parameters and running statistics (the same tensors, as ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    does, so an optimiser built before a conversion keeps updating them), on ``bn``'s device and dtype
+    and in its training mode. ``kwargs`` go to ``cls`` (e.g. ``process_group``); parameters ``cls``
+    adds of its own are new, at their init."""
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **kwargs, **factory)
+    if bn.affine:
+        new.weight, new.bias = bn.weight, bn.bias
+    new.running_mean, new.running_var = bn.running_mean, bn.running_var
+    new.num_batches_tracked = bn.num_batches_tracked
+    new.train(bn.training)
+    return new

@@ -13,6 +13,7 @@ from workbench.nn.functional import (
     accumulate_dtype,
     gated_batch_norm,
     iebn_train_fused,
+    layer_sharing_state,
     plane_moments,
     running_average_factor,
     update_running_stats,
@@ -86,17 +87,7 @@ class IEBN2d(nn.BatchNorm2d):
         """
         if not isinstance(bn, nn.BatchNorm2d):
             raise ValueError(f"bn={type(bn).__name__} is not valid; allowed: an nn.BatchNorm2d")
-        ref = bn.weight if bn.weight is not None else bn.running_mean
-        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **factory)
-        if bn.affine:
-            new.weight = bn.weight
-            new.bias = bn.bias
-        new.running_mean = bn.running_mean
-        new.running_var = bn.running_var
-        new.num_batches_tracked = bn.num_batches_tracked
-        new.train(bn.training)
-        return new
+        return layer_sharing_state(cls, bn)
 
     def _batch_statistics(self, moments: PlaneMoments, plane_size: int) -> tuple[Tensor, Tensor, int | Tensor]:
         """Biased batch mean/variance ``(C,)`` that normalise, and the number of values behind

@@ -6,7 +6,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from workbench.nn.functional import PlaneMoments, accumulate_dtype, running_average_factor, update_running_stats
+from workbench.nn.functional import (
+    PlaneMoments,
+    accumulate_dtype,
+    layer_sharing_state,
+    running_average_factor,
+    update_running_stats,
+)
 from workbench.nn.iebn import IEBN2d
 
 
@@ -50,13 +56,9 @@ def pool_moments_over_group(mean: Tensor, var: Tensor, count: int | Tensor,
     return pooled_mean, pooled_var, total
 
 
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """``BatchNorm2d`` with statistics pooled over a process group, on CPU (gloo) as well as GPU.
-
-    ``nn.SyncBatchNorm`` refuses CPU modules, so DDP on CPU (and the tests of DDP) would have no
-    synchronised BN; this layer uses the same exact pooling as :class:`SyncIEBN2d`. Outside
-    training, or without an initialised process group, it is exactly ``nn.BatchNorm2d``.
-    """
+class _GroupSynced:
+    """The constructor both synced layers share: a BN layer's arguments plus the ``process_group``
+    whose ranks pool the statistics (``None``: the default group)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
@@ -64,18 +66,20 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
 
+
+class SyncBatchNorm2d(_GroupSynced, nn.BatchNorm2d):
+    """``BatchNorm2d`` with statistics pooled over a process group, on CPU (gloo) as well as GPU.
+
+    ``nn.SyncBatchNorm`` refuses CPU modules, so DDP on CPU (and the tests of DDP) would have no
+    synchronised BN; this layer uses the same exact pooling as :class:`SyncIEBN2d`. Outside
+    training, or without an initialised process group, it is exactly ``nn.BatchNorm2d``.
+    """
+
+
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, process_group: dist.ProcessGroup | None = None) -> SyncBatchNorm2d:
         """A SyncBatchNorm2d sharing ``bn``'s parameters and buffers."""
-        ref = bn.weight if bn.weight is not None else bn.running_mean
-        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group, **factory)
-        if bn.affine:
-            new.weight, new.bias = bn.weight, bn.bias
-        new.running_mean, new.running_var = bn.running_mean, bn.running_var
-        new.num_batches_tracked = bn.num_batches_tracked
-        new.train(bn.training)
-        return new
+        return layer_sharing_state(cls, bn, process_group=process_group)
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized()):
@@ -97,7 +101,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return (x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(input.dtype)
 
 
-class SyncIEBN2d(IEBN2d):
+class SyncIEBN2d(_GroupSynced, IEBN2d):
     """:class:`IEBN2d` with batch mean and variance pooled across ``process_group`` in training.
 
     Each rank contributes its local count, mean and biased variance; the pooled statistics are the
@@ -108,28 +112,17 @@ class SyncIEBN2d(IEBN2d):
     whenever a process group is initialised, also with a single process (so the path is testable).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.process_group = process_group
 
     @classmethod
     def from_iebn(cls, module: IEBN2d, process_group: dist.ProcessGroup | None = None) -> SyncIEBN2d:
         """A SyncIEBN2d sharing ``module``'s parameters, buffers and hook attributes."""
         if not isinstance(module, IEBN2d):
             raise ValueError(f"module={type(module).__name__} is not valid; allowed: an IEBN2d")
-        ref = module.attn_weight
-        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                  process_group, device=ref.device, dtype=ref.dtype)
-        new.weight, new.bias = module.weight, module.bias
-        new.running_mean, new.running_var = module.running_mean, module.running_var
-        new.num_batches_tracked = module.num_batches_tracked
+        new = layer_sharing_state(cls, module, process_group=process_group)
         new.attn_weight, new.attn_bias = module.attn_weight, module.attn_bias
         new.attention_probe = module.attention_probe
         new.stat_transform = module.stat_transform
         new.stat_transform_updates_running_stats = module.stat_transform_updates_running_stats
-        new.train(module.training)
         return new
 
     def _batch_statistics(self, moments: PlaneMoments, plane_size: int) -> tuple[Tensor, Tensor, int | Tensor]:

@@ -148,13 +148,19 @@ def _add_run(sub) -> None:
     p.add_argument("--preset", choices=PRESETS, help="shorthand for -p preset NAME (default: the notebook's)")
     p.add_argument("--device", help=f"shorthand for -p device NAME: {DEVICE_CHOICES_HELP} (default: the "
                                     "notebook's, auto)")
-    p.add_argument("--output", metavar="FOLDER", help="run folder (default: reports/<timestamp>)")
+    _add_execution_options(p, "run folder (default: reports/<timestamp>)",
+                           "per-notebook progress (cells done, elapsed")
+    p.add_argument("--log-output", action="store_true", help="stream the notebooks' output to this terminal")
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_execution_options(p, output_help: str, progress_what: str) -> None:
+    """The options ``run`` and ``sweep`` share: where results go, the per-cell timeout, progress."""
+    p.add_argument("--output", metavar="FOLDER", help=output_help)
     p.add_argument("--timeout", type=int, default=3600, metavar="SECONDS",
                    help="per-cell timeout in seconds (default: %(default)s)")
-    p.add_argument("--log-output", action="store_true", help="stream the notebooks' output to this terminal")
     p.add_argument("--no-progress", action="store_true",
-                   help="no per-notebook progress (cells done, elapsed; a bar on a terminal, lines otherwise)")
-    p.set_defaults(func=_cmd_run)
+                   help=f"no {progress_what}; a bar on a terminal, lines otherwise)")
 
 
 def _add_sweep(sub) -> None:
@@ -167,10 +173,8 @@ def _add_sweep(sub) -> None:
                    help="one grid axis: a parameter and its values (Python literals or strings), repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="points executed in parallel, each with the CPU cores divided by N (default: %(default)s)")
-    p.add_argument("--output", metavar="FOLDER",
-                   help="sweep folder (default: reports/sweep-<notebook>-<grid hash>)")
-    p.add_argument("--timeout", type=int, default=3600, metavar="SECONDS",
-                   help="per-cell timeout in seconds (default: %(default)s)")
+    _add_execution_options(p, "sweep folder (default: reports/sweep-<notebook>-<grid hash>)",
+                           "progress (points done, elapsed, ETA")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: a process pool on this machine; ray: Ray tasks, on a cluster with --address "
                         "(needs the ray extra) (default: %(default)s)")
@@ -185,8 +189,6 @@ def _add_sweep(sub) -> None:
                    help="bring each point's files back from its node into --output; --no-gather: points write "
                         "into --output, which every node must see at the same path; ray executor only "
                         "(default: gather)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress (points done, elapsed, ETA; a bar on a terminal, lines otherwise)")
     p.set_defaults(func=_cmd_sweep)
 
 

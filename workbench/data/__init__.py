@@ -120,6 +120,16 @@ _CIFAR_OPTIONS = {
 }
 
 
+
+def _scene_options(item: str, threshold: str) -> dict[str, str]:
+    """The options both scene datasets take; ``item`` is what a scene is composed of ("digit", "item")."""
+    return {"size": "64: scene side (>= 64)",
+            "length": "512 train / 128 test: number of scenes",
+            "seed": "0: scene generator seed (scene = f(seed, split, index))",
+            f"min_{item}s": "2", f"max_{item}s": "4",
+            f"min_{item}_size": "size // 4", f"max_{item}_size": "size * 7 // 16",
+            "threshold": f"{threshold}: {item} intensity above which a pixel is labelled as the {item}"}
+
 DATASET_INFO: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         name="digits", task="classification", num_classes=10, in_channels=3, splits=DIGITS_SPLITS,
@@ -132,12 +142,7 @@ DATASET_INFO: dict[str, DatasetInfo] = {
     "digit-scenes": DatasetInfo(
         name="digit-scenes", task="segmentation", num_classes=len(SCENE_CLASSES), in_channels=3,
         splits=SCENE_SPLITS,
-        options={"size": "64: scene side (>= 64)",
-                 "length": "512 train / 128 test: number of scenes",
-                 "seed": "0: scene generator seed (scene = f(seed, split, index))",
-                 "min_digits": "2", "max_digits": "4",
-                 "min_digit_size": "size // 4", "max_digit_size": "size * 7 // 16",
-                 "threshold": "0.3: digit intensity above which a pixel is labelled as the digit"},
+        options=_scene_options("digit", "0.3"),
         needs_download=False, ignore_index=255,
         description="textured scenes with 2..4 non-overlapping digits; mask 0 = background, "
                     "1..10 = digit + 1",
@@ -160,12 +165,7 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         name="fashion-scenes", task="segmentation", num_classes=len(FASHION_SCENE_CLASSES), in_channels=3,
         splits=SCENE_SPLITS,
         options={"subset": "'quick': items from the shipped subset; 'full': from the full set",
-                 "size": "64: scene side (>= 64)",
-                 "length": "512 train / 128 test: number of scenes",
-                 "seed": "0: scene generator seed (scene = f(seed, split, index))",
-                 "min_items": "2", "max_items": "4",
-                 "min_item_size": "size // 4", "max_item_size": "size * 7 // 16",
-                 "threshold": "0.1: item intensity above which a pixel is labelled as the item"},
+                 **_scene_options("item", "0.1")},
         needs_download=False, ignore_index=255,
         description="textured scenes with 2..4 non-overlapping Fashion-MNIST items; mask 0 = background, "
                     "1..10 = class + 1",

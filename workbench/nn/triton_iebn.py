@@ -48,17 +48,23 @@ def _merge(mean, m2, count, part_mean, part_m2, part_count):
     return mean, m2, total
 
 
+@triton.jit
+def _plane_tile(part, N, C, HW, chunk, num_cb, BLOCK_C: tl.constexpr):
+    """The tile of the two plane sweeps: program (pid, part) covers sample ``n``, the channel block
+    ``c`` (``c_mask`` inside C) and the chunk ``[lo, hi)`` of the plane."""
+    pid = tl.program_id(0)
+    n = pid // num_cb
+    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    lo = part * chunk
+    return n, c, c < C, lo, tl.minimum(lo + chunk, HW)
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _plane_moments(x_ptr, part_ptr, N, C, HW, chunk, num_cb, stride_n, stride_c, stride_hw,
                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     # part_ptr: (2, split, N, C) float32, the chunks' means then their centred sums of squares.
-    pid = tl.program_id(0)
     part = tl.program_id(1)
-    n = pid // num_cb
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    lo = part * chunk
-    hi = tl.minimum(lo + chunk, HW)
+    n, c, c_mask, lo, hi = _plane_tile(part, N, C, HW, chunk, num_cb, BLOCK_C)
     base = x_ptr + n.to(tl.int64) * stride_n + c[:, None].to(tl.int64) * stride_c
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -170,13 +176,8 @@ def _plane_affine(x_ptr, y_ptr, plane_ptr, N, C, HW, chunk, num_cb, stride_n, st
 def _grad_sums(dy_ptr, x_ptr, mean_ptr, part_ptr, N, C, HW, chunk, num_cb,
                stride_n, stride_c, stride_hw, gstride_n, gstride_c, gstride_hw,
                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
     part = tl.program_id(1)
-    n = pid // num_cb
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    lo = part * chunk
-    hi = tl.minimum(lo + chunk, HW)
+    n, c, c_mask, lo, hi = _plane_tile(part, N, C, HW, chunk, num_cb, BLOCK_C)
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)[:, None]
     x_row = n.to(tl.int64) * stride_n + c[:, None].to(tl.int64) * stride_c
     g_row = n.to(tl.int64) * gstride_n + c[:, None].to(tl.int64) * gstride_c

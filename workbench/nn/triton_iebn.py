@@ -50,7 +50,7 @@ def _merge(mean, m2, count, part_mean, part_m2, part_count):
 
 @triton.jit
 def _plane_tile(part, N, C, HW, chunk, num_cb, BLOCK_C: tl.constexpr):
-    """The tile of the two plane sweeps: program (pid, part) covers sample ``n``, the channel block
+    """The tile of every plane kernel: program (pid, part) covers sample ``n``, the channel block
     ``c`` (``c_mask`` inside C) and the chunk ``[lo, hi)`` of the plane."""
     pid = tl.program_id(0)
     n = pid // num_cb
@@ -155,12 +155,7 @@ def _forward_stats(part_ptr, weight_ptr, bias_ptr, aw_ptr, ab_ptr, channel_ptr, 
 @triton.jit(do_not_specialize=_SIZES)
 def _plane_affine(x_ptr, y_ptr, plane_ptr, N, C, HW, chunk, num_cb, stride_n, stride_c, stride_hw,
                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid // num_cb
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    lo = tl.program_id(1) * chunk
-    hi = tl.minimum(lo + chunk, HW)
+    n, c, c_mask, lo, hi = _plane_tile(tl.program_id(1), N, C, HW, chunk, num_cb, BLOCK_C)
     scale = tl.load(plane_ptr + (2 * N + n) * C + c, mask=c_mask, other=0.0)[:, None]
     shift = tl.load(plane_ptr + (3 * N + n) * C + c, mask=c_mask, other=0.0)[:, None]
     row = n.to(tl.int64) * stride_n + c[:, None].to(tl.int64) * stride_c
@@ -261,12 +256,7 @@ def _backward_stats(part_ptr, channel_ptr, plane_ptr, weight_ptr, aw_ptr, grads_
 def _grad_input(dy_ptr, x_ptr, dx_ptr, mean_ptr, plane_ptr, coef_ptr, N, C, HW, chunk, num_cb,
                 stride_n, stride_c, stride_hw, gstride_n, gstride_c, gstride_hw,
                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid // num_cb
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    lo = tl.program_id(1) * chunk
-    hi = tl.minimum(lo + chunk, HW)
+    n, c, c_mask, lo, hi = _plane_tile(tl.program_id(1), N, C, HW, chunk, num_cb, BLOCK_C)
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)[:, None]
     coef_x = tl.load(coef_ptr + c, mask=c_mask, other=0.0)[:, None]
     scale = tl.load(plane_ptr + (2 * N + n) * C + c, mask=c_mask, other=0.0)[:, None]

@@ -434,3 +434,13 @@ def test_synthetic_is_deterministic_and_learnable_shaped():
     assert x.shape == (3, 32, 32) and 0 <= y < 10
     with pytest.raises(ValueError, match="length"):
         get_dataset("synthetic", "train", length=0)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cityscapes"])
+def test_a_missing_data_root_says_how_every_entry_point_names_one(name, tmp_path):
+    """Notebooks take no root parameter: the message names the variable, the CLI flag and the argument."""
+    from workbench.data import get_dataset
+
+    with pytest.raises(FileNotFoundError) as err:
+        get_dataset(name, "train", root=tmp_path / "absent")
+    assert all(way in str(err.value) for way in ("$WORKBENCH_DATA", "--data-root", "root=")), str(err.value)

@@ -21,6 +21,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from ._validate import check_bool, check_choice
+from .paths import ROOT_HINT
 
 CIFAR_SPLITS = ("train", "test")
 # per-channel statistics used by IEBN's official CIFAR scripts (docs/methods.md, *IEBN*), for both datasets
@@ -52,8 +53,8 @@ def cifar_files(name: str, split: str, root: Path) -> tuple[list[tuple[Path, str
 def check_cifar_files(name: str, split: str, root: Path, verify: bool = False) -> None:
     """Raise ``FileNotFoundError`` naming the first missing path (root, folder, then files)."""
     batches, meta = cifar_files(name, split, root)
-    hint = (f"Expected layout: {cifar_layout(name)}. Nothing is downloaded automatically; pass "
-            f"root=... or set $WORKBENCH_DATA to the folder that holds {batches[0][0].parent.name}/.")
+    hint = (f"Expected layout: {cifar_layout(name)}. Nothing is downloaded automatically; "
+            f"{ROOT_HINT}: the folder that holds {batches[0][0].parent.name}/.")
     if not root.is_dir():
         raise FileNotFoundError(f"{name} data root {root} does not exist. {hint}")
     if not batches[0][0].parent.is_dir():

@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import Cityscapes
 
 from ._validate import check_bool, check_choice, check_float, check_hw, check_int
+from .paths import ROOT_HINT
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, segmentation_transform
 
 CITYSCAPES_SPLITS = ("train", "val", "test")
@@ -54,8 +55,7 @@ def cityscapes_dir(root: Path) -> Path:
 def cityscapes_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     """Sorted ``(image, labelIds)`` paths of ``split``; ``FileNotFoundError`` names what is missing."""
     hint = (f"Expected layout: {CITYSCAPES_LAYOUT.format(split=split)}. Nothing is downloaded "
-            "automatically; <root> is the Cityscapes folder or a folder holding cityscapes/, "
-            "passed as root=... or set in $WORKBENCH_DATA.")
+            f"automatically; <root> is the Cityscapes folder or a folder holding cityscapes/; {ROOT_HINT}.")
     if not root.is_dir():
         raise FileNotFoundError(f"cityscapes data root {root} does not exist. {hint}")
     images_dir, labels_dir = root / "leftImg8bit" / split, root / "gtFine" / split

@@ -29,7 +29,7 @@ from ._validate import check_bool, check_choice, check_int
 from .checksums import verify_manifest
 from .idx import read_idx
 from .in_memory import InMemoryImageDataset
-from .paths import DATA_ENV_VAR, implicit_data_root, resolve_root, shipped_data_dir
+from .paths import DATA_ENV_VAR, ROOT_HINT, implicit_data_root, resolve_root, shipped_data_dir
 
 FASHION_SPLITS = ("train", "test")
 FASHION_SUBSETS = ("quick", "full")
@@ -74,7 +74,7 @@ def locate_full_set(root: Path) -> Path:
     A data root someone named (``root=`` or ``$WORKBENCH_DATA``) must exist: a mistyped path is
     refused rather than silently replaced by the system copy."""
     if not root.is_dir() and root != implicit_data_root():
-        raise FileNotFoundError(f"fashion-mnist subset='full': data root {root} does not exist (from root=... "
+        raise FileNotFoundError(f"fashion-mnist subset='full': data root {root} does not exist (from root= "
                                 f"or ${DATA_ENV_VAR}); it should hold fashion-mnist/"
                                 f"{{{', '.join(s for pair in FASHION_FILES.values() for s in pair)}}}.gz")
     stems = [stem for pair in FASHION_FILES.values() for stem in pair]
@@ -85,7 +85,7 @@ def locate_full_set(root: Path) -> Path:
     raise FileNotFoundError(
         f"fashion-mnist subset='full': the four files {{{', '.join(stems)}}}[.gz] are in none of: "
         f"{looked}. Install Debian's copy with `{FASHION_APT_HINT}`, or put the official "
-        f"files in <root>/fashion-mnist/ and pass root=... or set $WORKBENCH_DATA. "
+        f"files in <root>/fashion-mnist/ ({ROOT_HINT}). "
         f"subset='quick' needs no files.")
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 DATA_ENV_VAR = "WORKBENCH_DATA"
 # where a wheel install puts the data that ships with the project (pyproject's data-files)
 INSTALLED_DATA_DIR = Path("share") / "workbench" / "data"
+# How each entry point names a data root: notebooks take no root parameter, so the variable is their way
+ROOT_HINT = (f"name the data root with ${DATA_ENV_VAR} (notebooks, workbench run / sweep), --data-root "
+             "(workbench train) or root= (get_dataset)")
 
 
 def _source_checkout() -> Path | None:

@@ -173,7 +173,8 @@ TRAIN = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--
 def test_train_resolves_the_same_options(tmp_path, capsys, fake_cuda):
     import json
 
-    from workbench.train_cli import load_config, main
+    from workbench.recipe.spec import acceleration, load_config
+    from workbench.train_cli import main
 
     cfg = load_config(None, {})
     assert (cfg.amp, cfg.channels_last, cfg.compile) == ("auto", None, False)
@@ -190,8 +191,6 @@ def test_train_resolves_the_same_options(tmp_path, capsys, fake_cuda):
     assert summaries["auto"]["acceleration"] == {"amp": "off", "channels_last": False, "compile": False}
     assert summaries["auto"]["config"]["amp"] == "auto" and summaries["auto"]["config"]["channels_last"] is None
     auto = load_config(None, {"device": "auto"})
-    from workbench.train_cli import acceleration
-
     assert acceleration(auto).options() == {"amp": "bf16", "channels_last": True, "compile": False}
 
 

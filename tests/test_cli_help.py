@@ -7,6 +7,7 @@ import pytest
 
 from workbench import cli, train_cli
 from workbench.experiments import batch_noise
+from workbench.recipe.spec import TrainConfig, config_parameters
 
 
 @pytest.mark.parametrize("argv, option", [(["bench", "layers", "--help"], "--repeats"),
@@ -50,8 +51,8 @@ def test_every_option_of_every_command_has_help():
 
 def test_train_flags_show_default_and_allowed_values():
     parser = train_cli.build_parser()
-    spec = train_cli.config_parameters()
-    defaults = train_cli.TrainConfig()
+    spec = config_parameters()
+    defaults = TrainConfig()
     for action in parser._actions:
         if action.dest not in spec:
             continue

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from workbench.recipe.spec import check_setup, load_config
 from workbench.train import evaluate, load_checkpoint
-from workbench.train_cli import check_setup, load_config, main
+from workbench.train_cli import main
 
 COMMON = ["--dataset", "synthetic", "--model", "resnet20", "--width", "0.25", "--epochs", "1", "--batch-size", "16",
           "--schedule", "constant",
@@ -176,9 +177,11 @@ def test_setup_checks_refuse_before_anything_runs(tmp_path):
 
 def test_callbacks_and_probe_logs_on_rank_zero_only(tmp_path):
     from workbench.data import get_dataset
+    from workbench.distributed import DistInfo
     from workbench.models import build_model
     from workbench.noise import BatchStatNoise
-    from workbench.train_cli import DistInfo, OnModule, SyncedCAGS, build_callbacks, shared_copy
+    from workbench.recipe.build import shared_copy
+    from workbench.recipe.callbacks import OnModule, SyncedCAGS, build_callbacks
 
     probes = {k: v for k, v in INSTRUMENTED["probes"].items() if k != "gradient_noise_scale"}
     cfg = load_config(None, {**INSTRUMENTED, "probes": {**probes, "attention": {"every": 1}}, "norm": "iebn",

@@ -82,6 +82,14 @@ def setup_distributed(device: str, info: DistInfo) -> torch.device:
     return chosen
 
 
+def teardown_distributed(info: DistInfo) -> None:
+    """End the process group :func:`setup_distributed` started (nothing to do in one process)."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------
 # The output folder every node must see
 

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 DIRECTIONS = ("greater", "less")
@@ -70,6 +69,13 @@ class PairedInterval:
         return asdict(self)
 
 
+def _t_quantile(confidence: float, df: int | np.ndarray) -> float | np.ndarray:
+    """Student's t quantile of a two-sided ``confidence`` interval with ``df`` degrees of freedom."""
+    from scipy import stats  # imported here: it takes seconds, and `workbench train` imports this package
+
+    return stats.t.ppf(0.5 + confidence / 2, df=df)
+
+
 def interval_from_differences(differences: Sequence[float], confidence: float = CONFIDENCE) -> PairedInterval:
     """The t-interval of the mean of ``differences`` (one per seed; at least 2, all finite)."""
     confidence = check_confidence(confidence)
@@ -79,7 +85,7 @@ def interval_from_differences(differences: Sequence[float], confidence: float = 
     if not np.isfinite(d).all():
         raise ValueError(f"differences={d.tolist()!r} hold a NaN or infinity; allowed: finite numbers")
     mean, sd = float(d.mean()), float(d.std(ddof=1))
-    t = float(stats.t.ppf(0.5 + confidence / 2, df=d.size - 1))
+    t = float(_t_quantile(confidence, d.size - 1))
     half = t * sd / math.sqrt(d.size)
     return PairedInterval(n=int(d.size), mean=mean, sd=sd, low=mean - half, high=mean + half,
                           confidence=confidence, t=t)
@@ -114,7 +120,7 @@ def seeds_needed(mean: float, sd: float, confidence: float = CONFIDENCE, max_see
     if mean == 0:
         return None
     n = np.arange(MIN_SEEDS, max_seeds + 1)
-    half_widths = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * sd / np.sqrt(n)
+    half_widths = _t_quantile(confidence, n - 1) * sd / np.sqrt(n)
     decisive = np.nonzero(half_widths < abs(mean))[0]
     return int(n[decisive[0]]) if decisive.size else None
 

@@ -1,5 +1,6 @@
 """Repository-level invariants: dependency lists agree, notebooks are clean and parameterised."""
 
+import ast
 import re
 import tomllib
 from pathlib import Path
@@ -54,3 +55,72 @@ def test_notebook_is_stripped_and_parameterised(path):
     assert nb.metadata["kernelspec"]["language"] == "python"
     spec = load_spec(path)  # every default passes its own declared spec
     assert set(spec.spec) == set(defaults)
+
+
+# The package's layers, bottom to top: a module imports its own layer and the layers below, never one
+# above (a lower layer stays usable without the higher ones, and no import cycle crosses layers).
+LAYERS = (
+    {"__init__", "callbacks", "device", "errors", "io", "params", "progress", "report"},
+    {"data"},
+    {"nn"},
+    {"models"},
+    {"pruning"},
+    {"noise"},
+    {"probes"},
+    {"train", "distributed"},
+    {"recipe"},
+    {"experiments", "benchmarks"},
+    {"viz"},
+    {"widgets"},
+    {"runner", "sweep", "ray_executor"},
+    {"cli", "train_cli", "lab"},
+)
+PACKAGE = ROOT / "workbench"
+
+
+def _unit(module: str) -> str:
+    """The top-level part of the package a dotted module name belongs to (``workbench.recipe.spec``: recipe)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imported_units(path: Path) -> set[str]:
+    """The parts of the package ``path`` imports, at module level or inside functions."""
+    units = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            units |= {_unit(a.name) for a in node.names if a.name.split(".")[0] == "workbench"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "workbench":
+            units |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("workbench."):
+            units.add(_unit(node.module))
+    return units
+
+
+def _layer_violations(layers: tuple[set[str], ...]) -> list[str]:
+    rank = {unit: i for i, layer in enumerate(layers) for unit in layer}
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = _unit(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        if unit not in rank:
+            problems.append(f"{path.relative_to(ROOT)}: workbench.{unit} is in no layer of LAYERS")
+            continue
+        problems += [f"{path.relative_to(ROOT)} imports workbench.{other}, a higher layer"
+                     for other in sorted(_imported_units(path)) if rank.get(other, -1) > rank[unit]]
+    return problems
+
+
+def test_no_module_imports_a_layer_above_it():
+    assert not _layer_violations(LAYERS), _layer_violations(LAYERS)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    command_line_at_the_bottom = ({"train_cli"}, *(layer - {"train_cli"} for layer in LAYERS))
+    problems = _layer_violations(command_line_at_the_bottom)
+    assert "workbench/train_cli.py imports workbench.recipe, a higher layer" in problems
+
+
+def test_train_cli_is_the_parser_and_launcher_only():
+    """The run spec, its checks, callbacks and builder live in workbench.recipe; the command line stays short."""
+    lines = (PACKAGE / "train_cli.py").read_text(encoding="utf-8").count("\n")
+    assert lines <= 250, f"workbench/train_cli.py has {lines} lines; allowed: at most 250"

@@ -40,7 +40,7 @@ SCHEDULES = ("onecycle", "cosine", "step", "constant")
 @dataclass
 class TrainConfig:
     """One training run: model, data, optimiser and schedule, device and acceleration, output, and the
-    optional ``noise``, ``sparsity`` and ``probes`` sections (see :mod:`workbench.train_cli`)."""
+    optional ``noise``, ``sparsity`` and ``probes`` sections (see :mod:`workbench.recipe.sections`)."""
 
     model: str = "resnet20"
     dataset: str = "digits"

@@ -1,4 +1,5 @@
-"""Repository-level invariants: dependency lists agree, notebooks are clean and parameterised."""
+"""Repository-level invariants: dependency lists agree, notebooks are clean and parameterised, no
+module of the package imports a layer above its own."""
 
 import ast
 import re
@@ -85,15 +86,20 @@ def _unit(module: str) -> str:
 
 
 def _imported_units(path: Path) -> set[str]:
-    """The parts of the package ``path`` imports, at module level or inside functions."""
+    """The parts of the package ``path`` imports (absolutely or relatively, at module level or inside
+    functions)."""
+    package = list(path.relative_to(ROOT).with_suffix("").parts[:-1])
     units = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             units |= {_unit(a.name) for a in node.names if a.name.split(".")[0] == "workbench"}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "workbench":
-            units |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("workbench."):
-            units.add(_unit(node.module))
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if module == "workbench":
+                units |= {a.name for a in node.names}
+            elif module.startswith("workbench."):
+                units.add(_unit(module))
     return units
 
 

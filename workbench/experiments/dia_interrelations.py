@@ -10,7 +10,9 @@ Three measurements, each returning plain data:
   (:class:`workbench.probes.dia.DIARecorder`), and the **ablation** shared-LSTM vs independent SE:
   accuracy, parameters, correlation structure;
 - the DIANet paper's **stabilisation study**: networks without skip connections and without BN,
-  each without attention, with SE and with DIA: training loss, gradient norm per stage, accuracy.
+  each without attention, with SE and with DIA: training loss, gradient norm per stage, accuracy
+  (one seed; the paired-seed trial of the claim is
+  :mod:`workbench.experiments.dia_stabilisation_evidence`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from workbench.device import resolve_device
 from workbench.experiments.acceleration import acceleration_options, resolve_params_acceleration
 from workbench.experiments.attention import MODELS, build, eval_batch, limit_cpu_threads, train_classifier
 from workbench.experiments.dataset_choice import dataset_param, fill_preset_dataset
+from workbench.experiments.dia_stabilisation_evidence import PARAMETERS as EVIDENCE_PARAMETERS
+from workbench.experiments.dia_stabilisation_evidence import resolve_evidence
 from workbench.params import ACCELERATION, COMMON, Param, validate
 from workbench.probes.attention import AttentionRecorder, attention_sites
 from workbench.probes.grad_norms import StageGradNorms  # noqa: F401 - also importable from here
@@ -45,11 +49,19 @@ PARAMETERS = {
     "norm": Param(str, choices=("bn", "iebn"), help="normalisation of the DIA/SE models of the ablation"),
     "layer": Param(str, nullable=True, help="stage shown in the detail views (e.g. 'layer2'); None: the middle one"),
     "num_samples": Param(int, min=8, max=100_000, help="test samples behind the correlations and gate curves"),
+    "preset": Param(str, choices=("quick", "standard", "full"),
+                    help="quick: smoke run (2 CPU cores); standard: the stabilisation trial's evidence run on 2 CPU "
+                         "cores; full: paper-sized (CIFAR-100, GPU)"),
+    **EVIDENCE_PARAMETERS,
 }
 
 PRESETS = {
     "quick": dict(dataset="digits", width=0.5, image_size=16, epochs=5, batch_size=64, lr=0.1, stab_epochs=8,
                   stab_lr=0.05, grad_every=2, cpu_threads=1),
+    # standard: the ablation and the one-seed study as in quick; the evidence is the paired trial
+    # (workbench.experiments.dia_stabilisation_evidence.PRESETS)
+    "standard": dict(dataset="digits", width=0.5, image_size=16, epochs=5, batch_size=64, lr=0.1, stab_epochs=8,
+                     stab_lr=0.05, grad_every=2, cpu_threads=1),
     "full": dict(dataset="cifar100", width=1.0, image_size=32, epochs=60, batch_size=128, lr=0.1, stab_epochs=30,
                  stab_lr=0.05, grad_every=10, cpu_threads=None),
 }
@@ -57,12 +69,14 @@ PRESETS = {
 
 def resolve(params: dict[str, Any]) -> dict[str, Any]:
     """Validate the notebook's parameters, fill what the preset decides, check ``layer`` names a
-    stage of the DIA model; a preset whose data is absent and acceleration the device cannot run are
+    stage of the DIA model and that the stabilisation trial can give a verdict (at least 2 seeds,
+    known conditions); a preset whose data is absent and acceleration the device cannot run are
     refused here, before any training."""
     params = validate(params, PARAMETERS, where="03_dia_lstm_interrelations")
     params.update({k: v for k, v in PRESETS[params["preset"]].items() if k != "dataset"})
     fill_preset_dataset(params, PRESETS)
     resolve_params_acceleration(params)
+    resolve_evidence(params)
     stages = list(block_groups(attention_sites(build(params["model"], "bn", "dia", params["width"]), "dia")))
     if params["layer"] is None:
         params["layer"] = stages[len(stages) // 2]

@@ -1,6 +1,6 @@
 """Figures of DIA-LSTM's ties between the layers of a stage: cross-layer attention correlation,
 gate activations and state norms per block, the shared-vs-independent ablation and the
-stabilisation study (no skip connections, no BN). Pure builders."""
+stabilisation study (no skip connections, no BN) and its paired-seed trial. Pure builders."""
 
 from __future__ import annotations
 
@@ -214,3 +214,62 @@ def final_accuracy_figure(acc: Mapping[str, Mapping[str, float]],
     fig.update_traces(cliponaxis=False)
     fig.update_yaxes(title_text="top-1", range=[0, 1.15])
     return base_layout(fig, title)
+
+
+ARM_NAMES = {"none": "no attention", "se": "SE", "dia": "DIA-LSTM"}
+VERDICT_COLORS = {"supports": "#2ca02c", "contradicts": "#d62728", "inconclusive": "#7f7f7f"}
+
+
+def paired_seed_accuracy_figure(rows: Sequence[Mapping], arms: Sequence[str] = ("none", "se", "dia"),
+                                chance: float | None = None, metric: str = "acc",
+                                title: str = "Final test accuracy per seed and arm") -> go.Figure:
+    """One panel per condition: per seed a line through its arms' ``metric`` (the pairing: same seed,
+    same initial weights, same batches), diverged runs (``row["diverged"]``) as crosses, ``chance``
+    dashed. ``rows``: tidy rows with ``arm``, ``seed``, ``condition``, ``metric`` (and ``diverged``)."""
+    if not rows:
+        raise ValueError("rows is empty: nothing to plot")
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    arms = [a for a in arms if any(r["arm"] == a for r in rows)]
+    seeds = sorted({r["seed"] for r in rows})
+    value = {(r["condition"], r["seed"], r["arm"]): r for r in rows}
+    fig = make_subplots(rows=1, cols=len(conditions), subplot_titles=conditions, shared_yaxes=True)
+    for col, condition in enumerate(conditions, start=1):
+        for i, seed in enumerate(seeds):
+            got = [value.get((condition, seed, a)) for a in arms]
+            color = PALETTE[i % len(PALETTE)]
+            fig.add_trace(go.Scatter(
+                x=[ARM_NAMES.get(a, a) for a in arms], y=[None if r is None else r[metric] for r in got],
+                mode="lines+markers", name=f"seed {seed}", legendgroup=f"seed {seed}", showlegend=col == 1,
+                line=dict(color=color), hovertemplate=f"seed {seed}, %{{x}}: %{{y:.4f}}<extra>{condition}</extra>",
+                marker=dict(size=9, color=color,
+                            symbol=["x" if r is not None and r.get("diverged") else "circle" for r in got])), 1, col)
+        if chance is not None:
+            fig.add_hline(y=chance, line=dict(color="black", dash="dot"), row=1, col=col,
+                          annotation_text="chance" if col == 1 else None)
+    fig.update_yaxes(title_text=f"final test {metric} (x: diverged, counted as chance)", row=1, col=1)
+    return base_layout(fig, title)
+
+
+def arm_difference_figure(verdicts: Sequence[Mapping],
+                          title: str = "Paired differences of final accuracy (95% CI)") -> go.Figure:
+    """Per verdict (``Verdict.to_dict()`` with a ``condition`` setting) the mean paired difference
+    treatment - reference with its interval, coloured and labelled by the verdict word; zero dotted."""
+    if not verdicts:
+        raise ValueError("verdicts is empty; allowed: at least one Verdict.to_dict()")
+    fig = go.Figure()
+    for v in verdicts:
+        iv = v["interval"]
+        label = (f"{ARM_NAMES.get(v['treatment'], v['treatment'])} - {ARM_NAMES.get(v['reference'], v['reference'])}"
+                 f", {v['setting'].get('condition', '')}")
+        fig.add_trace(go.Scatter(
+            x=[iv["mean"]], y=[label], mode="markers+text", text=[v["verdict"]], textposition="top center",
+            marker=dict(size=11, color=VERDICT_COLORS[v["verdict"]]), name=v["verdict"],
+            showlegend=v["verdict"] not in [t.name for t in fig.data],
+            error_x=dict(type="data", symmetric=False, array=[iv["high"] - iv["mean"]],
+                         arrayminus=[iv["mean"] - iv["low"]], thickness=2),
+            hovertemplate=(f"{label}: %{{x:+.4f}} [{iv['low']:+.4f}, {iv['high']:+.4f}], {iv['n']} seeds"
+                           "<extra></extra>")))
+    fig.add_vline(x=0, line=dict(color="black", dash="dot"))
+    fig.update_xaxes(title_text="paired difference of final test accuracy (treatment - reference)", zeroline=False)
+    fig.update_yaxes(autorange="reversed")
+    return base_layout(fig, title, height=max(300, 90 + 60 * len(verdicts)))

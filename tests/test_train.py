@@ -1,3 +1,6 @@
+import dataclasses
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from workbench.data import make_loader
 from workbench.train import (
     Callback,
+    FitOptions,
     NonFiniteLossError,
     confusion_matrix,
     evaluate,
@@ -191,6 +195,65 @@ def test_bad_arguments():
         fit(_toy_model(), train, epochs=-1, progress=False)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         fit(_toy_model(), train, resume=True, progress=False)
+
+
+LOOP_VALUES = {"epochs": 2, "max_steps": 5, "scheduler_interval": "step", "grad_clip": 1.0, "amp": "off",
+               "channels_last": True, "compile": False, "checkpoint_dir": "ckpt", "resume": True,
+               "write_checkpoints": False, "progress": False, "log_every": 2}
+
+
+def test_fit_options_train_exactly_like_the_same_keywords(tmp_path):
+    train, val = _loaders()
+    runs = []
+    for as_options in (False, True):
+        model = _toy_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        loop = {"epochs": 2, "max_steps": 11, "scheduler_interval": "step", "grad_clip": 0.5, "log_every": 3,
+                "progress": False, "checkpoint_dir": tmp_path / str(as_options)}
+        kwargs = {"options": FitOptions(**loop)} if as_options else loop
+        result = fit(model, train, val, optimizer=opt, scheduler=sched, device="cpu", **kwargs)
+        runs.append((model.state_dict(), result.step_log, [h["val_acc"] for h in result.history]))
+    (plain_state, plain_log, plain_acc), (opt_state, opt_log, opt_acc) = runs
+    assert plain_state.keys() == opt_state.keys()
+    assert all(torch.equal(plain_state[k], opt_state[k]) for k in plain_state)
+    assert plain_log == opt_log and [e["step"] for e in plain_log] == [0, 3, 6, 9]
+    assert plain_acc == opt_acc and len(plain_acc) == 2
+
+
+def test_every_fit_option_is_a_keyword_of_fit_unset_by_default():
+    fields = [f.name for f in dataclasses.fields(FitOptions)]
+    assert sorted(fields) == sorted(LOOP_VALUES)
+    parameters = inspect.signature(fit).parameters
+    for name in fields:
+        assert repr(parameters[name].default) == "<FitOptions default>", name
+    assert FitOptions(**LOOP_VALUES) == dataclasses.replace(FitOptions(), **LOOP_VALUES)
+
+
+@pytest.mark.parametrize("name", sorted(LOOP_VALUES))
+def test_options_and_the_same_loop_keyword_are_refused(name):
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match=rf"fit\(\) got options= and the loop keyword\(s\) {name};"):
+        fit(_toy_model(), train, options=FitOptions(progress=False), **{name: LOOP_VALUES[name]})
+
+
+def test_options_refusals_name_the_parameter():
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match=r"loop keyword\(s\) epochs;"):
+        fit(_toy_model(), train, None, 3, options=FitOptions(progress=False))  # epochs given by position
+    with pytest.raises(ValueError, match=r"loop keyword\(s\) max_steps, amp;"):
+        fit(_toy_model(), train, options=FitOptions(), max_steps=1, amp="off")
+    with pytest.raises(ValueError, match=r"options=\{'epochs': 1\} is not valid; allowed: a FitOptions or None"):
+        fit(_toy_model(), train, options={"epochs": 1})
+    for bad, message in (({"epochs": -1}, r"epochs=-1 must be a non-negative integer"),
+                         ({"compile": "yes"}, r"compile='yes' is not valid; allowed: True, False"),
+                         ({"channels_last": None}, r"channels_last=None is not valid; allowed: True, False"),
+                         ({"scheduler_interval": "batch"}, r"scheduler_interval='batch'; allowed: 'epoch', 'step'"),
+                         ({"resume": True}, r"resume=True needs checkpoint_dir")):
+        with pytest.raises(ValueError, match=message):
+            FitOptions(**bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FitOptions().epochs = 3
 
 
 def test_segmentation_metrics_with_ignore_index():

@@ -64,6 +64,93 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+class _Unset:
+    """The default of :func:`fit`'s loop keywords: not given, so the value comes from :class:`FitOptions`."""
+
+    def __repr__(self) -> str:
+        return "<FitOptions default>"
+
+
+_UNSET: Any = _Unset()
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How :func:`fit` runs its loop: length, scheduler interval, clipping, precision and memory
+    layout, compilation, checkpoints, progress and logging.
+
+    What is trained (model, data, optimiser, scheduler, loss, task) and where (``device``) stay
+    arguments of :func:`fit`; the options are plain values, so one ``FitOptions`` can be kept,
+    compared, printed and varied with :func:`dataclasses.replace`. Pass it as
+    ``fit(model, train_loader, val_loader, options=FitOptions(...))``, or give the same names as
+    keywords of :func:`fit` (not both). A value of the wrong type or out of range raises
+    ``ValueError`` naming the field when the options are built, before any training; ``amp`` is
+    checked against the device when :func:`fit` starts.
+
+    Attributes:
+        epochs: passes over the training loader, a non-negative integer (0 trains nothing).
+        max_steps: stop once this many optimiser steps have run in total (a resumed run counts the
+            steps before it), even mid-epoch; the shortened epoch is still validated, recorded and
+            checkpointed. ``None``: no limit.
+        scheduler_interval: ``"epoch"`` steps the scheduler once after each epoch, ``"step"`` after
+            each optimiser step.
+        grad_clip: clip the total L2 norm of the gradients to this value after the callbacks'
+            ``on_after_backward`` and before the optimiser step; ``None``: no clipping.
+        amp: autocast precision, as :func:`workbench.device.autocast_dtype` takes it (``"off"``,
+            ``"auto"``, ``"bf16"``, ``"fp16"`` or a bool); fp16 runs with a gradient scaler.
+        channels_last: the model's parameters and every 4-d input batch in the channels-last memory
+            format (the layout of the tensor cores' convolutions); validation runs in it too.
+        compile: train through ``torch.compile(model)`` (eager GPU steps are bound by kernel
+            launches: an IEBN ResNet-164 step costs 2.3-2.8x a BN step on an H100, a compiled IEBN
+            layer 1.14-1.30x a compiled BN layer). Only the training forward runs compiled (the first
+            steps compile); callbacks, checkpoints, validation and :class:`FitResult` see the plain
+            model, and hooks added or removed on it during training reach the compiled graph
+            (dynamo's hook guards are turned on, :func:`workbench.nn.compiled.watch_hooks`).
+        checkpoint_dir: folder of the checkpoint ``last.pt`` (model, optimiser, scheduler, callbacks,
+            history, step, RNG state), written atomically after every epoch; ``None``: no checkpoint.
+        resume: continue from ``checkpoint_dir``'s ``last.pt`` when it exists (from scratch when it
+            does not); needs ``checkpoint_dir``.
+        write_checkpoints: whether this process writes the checkpoint (under DDP only rank 0 does;
+            every rank reads it on resume).
+        progress: a tqdm bar per epoch, showing the batch loss.
+        log_every: append ``{"step", "epoch", "loss", "lr"}`` and the callbacks' ``state.logs`` to the
+            step log every this many optimiser steps.
+
+    :func:`workbench.device.resolve_acceleration` gives the device's defaults for ``amp``,
+    ``channels_last`` and ``compile``.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    scheduler_interval: str = "epoch"
+    grad_clip: float | None = None
+    amp: str | bool = "off"
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_dir: str | os.PathLike | None = None
+    resume: bool = False
+    write_checkpoints: bool = True
+    progress: bool = True
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile={self.compile!r} is not valid; allowed: True, False")
+        _check_channels_last(self.channels_last)
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs!r} must be a non-negative integer")
+        if self.scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ValueError(f"scheduler_interval={self.scheduler_interval!r}; allowed: 'epoch', 'step'")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """``checkpoint_dir/last.pt``, or ``None`` without a checkpoint folder."""
+        return Path(self.checkpoint_dir) / "last.pt" if self.checkpoint_dir else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs and losses
 
@@ -150,7 +237,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "a
 
     The confusion matrix is accumulated over the whole split before IoU is taken, as the
     Cityscapes benchmark does; pixels labelled ``ignore_index`` are skipped. ``amp`` and
-    ``channels_last`` as in :func:`fit` (``channels_last`` also converts the model's parameters).
+    ``channels_last`` as in :class:`FitOptions` (``channels_last`` also converts the model's parameters).
     """
     _check_task(task)
     device = resolve_device(device)
@@ -247,136 +334,225 @@ def make_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float =
     raise ValueError(f"optimizer={kind!r} is not valid; allowed: {OPTIMIZERS}")
 
 
-def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = None, epochs: int = 1, *,
-        optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-        scheduler_interval: str = "epoch", callbacks: Sequence[Callback] = (),
-        device: str | torch.device = "auto", amp: str | bool = "off", checkpoint_dir: str | None = None,
-        resume: bool = False, write_checkpoints: bool = True, task: str = "classification",
-        loss_fn: Callable | None = None,
-        ignore_index: int = 255, aux_weight: float = 0.4, num_classes: int | None = None,
-        grad_clip: float | None = None, max_steps: int | None = None, progress: bool = True,
-        log_every: int = 1, compile: bool = False, channels_last: bool = False) -> FitResult:
+@dataclass(frozen=True)
+class _Loop:
+    """What one :func:`fit` call fixes for all its steps. The :class:`TrainState` beside it is what
+    callbacks see and change; the loop keeps using these objects whatever a callback does to the state."""
+
+    model: nn.Module
+    net: nn.Module  # runs the training forward: ``torch.compile``'s wrapper of ``model``, or ``model``
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: Callable
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    task: str
+    ignore_index: int
+    num_classes: int | None
+    callbacks: Sequence[Callback]
+    options: FitOptions
+
+
+@dataclass
+class _EpochTotals:
+    """Running sums over one epoch's batches, for its history record."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    correct: int = 0
+    seen: int = 0
+
+
+def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = None, epochs: int = _UNSET, *,
+        options: FitOptions | None = None, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+        callbacks: Sequence[Callback] = (), device: str | torch.device = "auto", task: str = "classification",
+        loss_fn: Callable | None = None, ignore_index: int = 255, aux_weight: float = 0.4,
+        num_classes: int | None = None, scheduler_interval: str = _UNSET, amp: str | bool = _UNSET,
+        checkpoint_dir: str | None = _UNSET, resume: bool = _UNSET, write_checkpoints: bool = _UNSET,
+        grad_clip: float | None = _UNSET, max_steps: int | None = _UNSET, progress: bool = _UNSET,
+        log_every: int = _UNSET, compile: bool = _UNSET, channels_last: bool = _UNSET) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; validate after each when ``val_loader`` is given.
 
-    ``scheduler`` steps once per epoch (``scheduler_interval="epoch"``) or per optimiser step
-    (``"step"``). With ``checkpoint_dir`` a checkpoint (model, optimiser, scheduler, callbacks,
-    history) is written atomically after every epoch as ``last.pt`` (by the process with
-    ``write_checkpoints``: rank 0 under DDP); ``resume=True`` continues from it. A NaN/inf loss
-    stops training with :class:`NonFiniteLossError` naming the epoch and step.
+    The loop's options come either as ``options=FitOptions(...)`` or as the keywords of the same
+    names (``epochs``, ``max_steps``, ``scheduler_interval``, ``grad_clip``, ``amp``,
+    ``channels_last``, ``compile``, ``checkpoint_dir``, ``resume``, ``write_checkpoints``,
+    ``progress``, ``log_every``; unset ones take :class:`FitOptions`' defaults), never both: a loop
+    keyword given with ``options`` raises ``ValueError`` naming it. :class:`FitOptions` documents
+    each one.
 
-    ``compile``: train through ``torch.compile(model)`` (eager GPU steps are bound by kernel
-    launches: an IEBN ResNet-164 step costs 2.3-2.8x a BN step on an H100, a compiled IEBN layer
-    1.14-1.30x a compiled BN layer). Only the training forward runs compiled (the first steps
-    compile); callbacks, checkpoints, validation and :class:`FitResult` see the plain ``model``, and
-    hooks added or removed on it during training reach the compiled graph (dynamo's hook guards are
-    turned on, :func:`workbench.nn.compiled.watch_hooks`).
-
-    ``amp``: autocast precision (see :func:`workbench.device.autocast_dtype`; fp16 runs with a gradient
-    scaler). ``channels_last``: the model's parameters and every 4-d input batch in the channels-last
-    memory format (the layout of the tensor cores' convolutions); validation runs in it too.
-    :func:`workbench.device.resolve_acceleration` gives the device's defaults for all three.
+    ``optimizer`` defaults to :func:`default_optimizer`, ``loss_fn`` to :func:`default_loss_fn` for
+    ``task`` (with ``ignore_index`` and ``aux_weight``); ``scheduler`` steps per epoch or per
+    optimiser step (``scheduler_interval``). Validation uses :func:`evaluate` with ``num_classes``
+    and ``ignore_index``. A NaN/inf loss stops training with :class:`NonFiniteLossError` naming the
+    epoch and step.
     """
     _check_task(task)
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile={compile!r} is not valid; allowed: True, False")
-    _check_channels_last(channels_last)
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs={epochs!r} must be a non-negative integer")
-    if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval={scheduler_interval!r}; allowed: 'epoch', 'step'")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
+    options = _fit_options(options, dict(
+        epochs=epochs, max_steps=max_steps, scheduler_interval=scheduler_interval, grad_clip=grad_clip, amp=amp,
+        channels_last=channels_last, compile=compile, checkpoint_dir=checkpoint_dir, resume=resume,
+        write_checkpoints=write_checkpoints, progress=progress, log_every=log_every))
+    loop = _start_loop(model, options, optimizer=optimizer, scheduler=scheduler, callbacks=callbacks, device=device,
+                       task=task, loss_fn=loss_fn, ignore_index=ignore_index, aux_weight=aux_weight,
+                       num_classes=num_classes)
+    state = TrainState(model=model, optimizer=loop.optimizer, scheduler=scheduler, device=loop.device, task=task,
+                       loss_fn=loop.loss_fn, amp_dtype=loop.amp_dtype)
+    start_epoch = _resume(loop, state)
+    for cb in callbacks:
+        cb.on_fit_start(state)
+    for epoch in range(start_epoch, options.epochs):
+        record = _train_epoch(loop, state, train_loader, epoch)
+        if val_loader is not None:
+            record.update(_validate(loop, val_loader))
+        _end_epoch(loop, state, record, epoch)
+        if _should_stop(loop, state):
+            break
+    for cb in callbacks:
+        cb.on_fit_end(state)
+    return FitResult(history=state.history, step_log=state.step_log, model=model)
+
+
+def _fit_options(options: FitOptions | None, keywords: dict[str, Any]) -> FitOptions:
+    """``options``, or a :class:`FitOptions` of the loop keywords :func:`fit` was given; both at once are refused."""
+    given = {name: value for name, value in keywords.items() if value is not _UNSET}
+    if options is None:
+        return FitOptions(**given)
+    if not isinstance(options, FitOptions):
+        raise ValueError(f"options={options!r} is not valid; allowed: a FitOptions or None")
+    if given:
+        names = ", ".join(given)
+        first = next(iter(given))
+        raise ValueError(f"fit() got options= and the loop keyword(s) {names}; give each loop option once, in "
+                         f"the FitOptions (e.g. dataclasses.replace(options, {first}=...)) or as a keyword")
+    return options
+
+
+def _start_loop(model: nn.Module, options: FitOptions, *, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+                callbacks: Sequence[Callback], device: str | torch.device, task: str, loss_fn: Callable | None,
+                ignore_index: int, aux_weight: float, num_classes: int | None) -> _Loop:
+    """Put ``model`` on the device (in channels-last when asked), fill in the default optimiser and loss,
+    and build the gradient scaler and the compiled forward."""
     device = resolve_device(device)
-    amp_dtype = autocast_dtype(device, amp)
+    amp_dtype = autocast_dtype(device, options.amp)
     model.to(device)
-    if channels_last:
+    if options.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = optimizer or default_optimizer(model)
     loss_fn = loss_fn or default_loss_fn(task, ignore_index, aux_weight)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net = model
-    if compile:
+    if options.compile:
         net = torch.compile(model)
         watch_hooks()
-    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, device=device, task=task,
-                       loss_fn=loss_fn, amp_dtype=amp_dtype)
-    start_epoch = 0
-    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        start_epoch = _restore(state, load_checkpoint(ckpt_path, map_location=device), callbacks)
+    return _Loop(model=model, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss_fn=loss_fn,
+                 device=device, amp_dtype=amp_dtype, task=task, ignore_index=ignore_index, num_classes=num_classes,
+                 callbacks=callbacks, options=options)
 
-    for cb in callbacks:
-        cb.on_fit_start(state)
-    for epoch in range(start_epoch, epochs):
-        state.epoch = epoch
-        _set_epoch(train_loader, epoch)
-        model.train()
-        started = time.perf_counter()
-        loss_sum, correct, seen, samples = 0.0, 0, 0, 0
-        bar = _progress(train_loader, progress, f"epoch {epoch + 1}/{epochs}")
-        for inputs, targets in bar:
-            state.inputs = _to_device(inputs, device, channels_last)
-            state.targets = targets.to(device, non_blocking=True)
-            state.logs = {}
-            for cb in callbacks:
-                cb.on_step_start(state)
-            with _autocast(device, amp_dtype):
-                state.outputs = net(state.inputs)
-                state.loss = loss_fn(state.outputs, state.targets)
-            if not torch.isfinite(state.loss):
-                raise NonFiniteLossError(
-                    f"loss became {state.loss.item()} at epoch {epoch + 1}, step {state.step} "
-                    "(lower the learning rate or the noise level, or enable grad_clip)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(state.loss).backward()
-            scaler.unscale_(optimizer)
-            for cb in callbacks:
-                cb.on_after_backward(state)
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None and scheduler_interval == "step":
-                scheduler.step()
-            batch_loss = state.loss.detach().item()
-            batch_correct, batch_count = _batch_accuracy(state.outputs, state.targets, task, ignore_index)
-            loss_sum += batch_loss * state.targets.shape[0]
-            samples += state.targets.shape[0]
-            correct += batch_correct
-            seen += batch_count
-            for cb in callbacks:
-                cb.on_step_end(state)
-            if state.step % log_every == 0:
-                entry = {"step": state.step, "epoch": epoch, "loss": batch_loss,
-                         "lr": optimizer.param_groups[0]["lr"]}
-                entry.update(state.logs)
-                state.step_log.append(entry)
-            state.step += 1
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{batch_loss:.3f}", refresh=False)
-            if state.stop or (max_steps is not None and state.step >= max_steps):
-                break
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(samples, 1),
-                  "train_acc": correct / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                  "time": time.perf_counter() - started}
-        if val_loader is not None:
-            # the bare module: evaluation is local and must not enter DDP's collective forward (it runs eagerly)
-            metrics = evaluate(unwrap(model), val_loader, device, task=task, num_classes=num_classes,
-                               ignore_index=ignore_index, loss_fn=loss_fn, amp=amp, channels_last=channels_last)
-            record.update({f"val_{k}": v for k, v in metrics.items() if k != "per_class_iou"})
-        state.history.append(record)
-        if scheduler is not None and scheduler_interval == "epoch":
-            scheduler.step()
-        for cb in callbacks:
-            cb.on_epoch_end(state)
-        if ckpt_path is not None and write_checkpoints:
-            state.epoch = epoch + 1
-            atomic_save(_checkpoint(state, callbacks), ckpt_path)
-        if state.stop or (max_steps is not None and state.step >= max_steps):
+
+def _resume(loop: _Loop, state: TrainState) -> int:
+    """The first epoch to train: 0, or with ``resume`` and an existing checkpoint the epoch after it, its
+    model, optimiser, scheduler, callbacks, history, step and RNG state restored."""
+    path = loop.options.checkpoint_path
+    if loop.options.resume and path is not None and path.exists():
+        return _restore(state, load_checkpoint(path, map_location=loop.device), loop.callbacks)
+    return 0
+
+
+def _train_epoch(loop: _Loop, state: TrainState, loader: Iterable, epoch: int) -> dict:
+    """One pass over ``loader`` (cut short by ``max_steps`` or a callback's ``state.stop``); returns the
+    epoch's history record: mean training loss and accuracy, last learning rate, seconds taken."""
+    options = loop.options
+    state.epoch = epoch
+    _set_epoch(loader, epoch)
+    loop.model.train()
+    started = time.perf_counter()
+    totals = _EpochTotals()
+    bar = _progress(loader, options.progress, f"epoch {epoch + 1}/{options.epochs}")
+    for inputs, targets in bar:
+        batch_loss = _train_step(loop, state, inputs, targets, epoch)
+        batch_correct, batch_count = _batch_accuracy(state.outputs, state.targets, loop.task, loop.ignore_index)
+        totals.loss_sum += batch_loss * state.targets.shape[0]
+        totals.samples += state.targets.shape[0]
+        totals.correct += batch_correct
+        totals.seen += batch_count
+        for cb in loop.callbacks:
+            cb.on_step_end(state)
+        if state.step % options.log_every == 0:
+            _log_step(loop, state, epoch, batch_loss)
+        state.step += 1
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{batch_loss:.3f}", refresh=False)
+        if _should_stop(loop, state):
             break
-    for cb in callbacks:
-        cb.on_fit_end(state)
-    return FitResult(history=state.history, step_log=state.step_log, model=model)
+    return {"epoch": epoch + 1, "train_loss": totals.loss_sum / max(totals.samples, 1),
+            "train_acc": totals.correct / max(totals.seen, 1), "lr": loop.optimizer.param_groups[0]["lr"],
+            "time": time.perf_counter() - started}
+
+
+def _train_step(loop: _Loop, state: TrainState, inputs: torch.Tensor, targets: torch.Tensor, epoch: int) -> float:
+    """Forward, loss, backward and optimiser step on one batch (callbacks' step-start and after-backward
+    hooks, gradient clipping, a per-step scheduler); returns the batch loss."""
+    state.inputs = _to_device(inputs, loop.device, loop.options.channels_last)
+    state.targets = targets.to(loop.device, non_blocking=True)
+    state.logs = {}
+    for cb in loop.callbacks:
+        cb.on_step_start(state)
+    with _autocast(loop.device, loop.amp_dtype):
+        state.outputs = loop.net(state.inputs)
+        state.loss = loop.loss_fn(state.outputs, state.targets)
+    if not torch.isfinite(state.loss):
+        raise NonFiniteLossError(
+            f"loss became {state.loss.item()} at epoch {epoch + 1}, step {state.step} "
+            "(lower the learning rate or the noise level, or enable grad_clip)")
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.scale(state.loss).backward()
+    loop.scaler.unscale_(loop.optimizer)
+    for cb in loop.callbacks:
+        cb.on_after_backward(state)
+    if loop.options.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), loop.options.grad_clip)
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    if loop.scheduler is not None and loop.options.scheduler_interval == "step":
+        loop.scheduler.step()
+    return state.loss.detach().item()
+
+
+def _log_step(loop: _Loop, state: TrainState, epoch: int, batch_loss: float) -> None:
+    """Append this step's loss, learning rate and the callbacks' ``state.logs`` to the step log."""
+    entry = {"step": state.step, "epoch": epoch, "loss": batch_loss,
+             "lr": loop.optimizer.param_groups[0]["lr"]}
+    entry.update(state.logs)
+    state.step_log.append(entry)
+
+
+def _validate(loop: _Loop, loader: Iterable) -> dict:
+    """:func:`evaluate` on ``loader``, keys prefixed ``val_`` (per-class IoU left out of the history)."""
+    # the bare module: evaluation is local and must not enter DDP's collective forward (it runs eagerly)
+    metrics = evaluate(unwrap(loop.model), loader, loop.device, task=loop.task, num_classes=loop.num_classes,
+                       ignore_index=loop.ignore_index, loss_fn=loop.loss_fn, amp=loop.options.amp,
+                       channels_last=loop.options.channels_last)
+    return {f"val_{k}": v for k, v in metrics.items() if k != "per_class_iou"}
+
+
+def _end_epoch(loop: _Loop, state: TrainState, record: dict, epoch: int) -> None:
+    """Record the epoch, step a per-epoch scheduler, call the callbacks' ``on_epoch_end``, then write the
+    checkpoint (after the callbacks, so it holds their state at the end of the epoch)."""
+    state.history.append(record)
+    if loop.scheduler is not None and loop.options.scheduler_interval == "epoch":
+        loop.scheduler.step()
+    for cb in loop.callbacks:
+        cb.on_epoch_end(state)
+    path = loop.options.checkpoint_path
+    if path is not None and loop.options.write_checkpoints:
+        state.epoch = epoch + 1
+        atomic_save(_checkpoint(state, loop.callbacks), path)
+
+
+def _should_stop(loop: _Loop, state: TrainState) -> bool:
+    """A callback set ``state.stop``, or ``max_steps`` optimiser steps have run."""
+    max_steps = loop.options.max_steps
+    return state.stop or (max_steps is not None and state.step >= max_steps)
 
 
 def _restore(state: TrainState, ckpt: dict, callbacks: Sequence[Callback]) -> int:

@@ -20,7 +20,8 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,49 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
     Ctrl-C or SIGTERM records the busy points as ``"interrupted"`` in ``results.json`` and raises
     :class:`workbench.runner.RunInterrupted`; the same call resumes.
     """
+    _check_sweep_options(jobs=jobs, executor=executor, timeout=timeout, gpus_per_point=gpus_per_point,
+                         cpus_per_point=cpus_per_point, gather=gather)
+    path = resolve_notebook(notebook)
+    grid = normalise_grid(path, {k: list(v) for k, v in grid.items()})
+    points, refused = check_grid(path, grid)
+    root = Path(output) if output else default_output(path, grid)
+    ray_backend = _connect_ray(address, root, gather) if executor == "ray" else None
+    check_writable(root / "points")
+    kernel = ensure_kernel()
+    write_json_atomic(root / "sweep.json", {"notebook": str(path), "grid": grid})
+    outcomes, todo = _plan_points(path, points, refused, root)
+    threads = threads_per_point(jobs) if ray_backend is None else (cpus_per_point or 1)
+    skipped = len(points) - len(todo) - len(refused)
+    echo(f"[workbench] sweep {path.stem}: {len(points)} points, {skipped} already done, "
+         f"{len(refused)} refused, {len(todo)} to run with {jobs} job(s)"
+         + (f" of {threads} CPU thread(s)" if threads else "") + f" -> {root}")
+    book = _SweepBook(path, grid, points, root, outcomes, echo)
+    book.publish()
+    if progress and todo:
+        from workbench.progress import Progress
+
+        book.bar = Progress(len(todo), f"sweep {path.stem}", "point")
+    started = time.time()
+    try:
+        if ray_backend is not None:
+            _run_ray(ray_backend, todo, path, timeout, kernel, jobs, threads, gpus_per_point, gather, book.finished)
+        else:
+            _run_local(todo, path, timeout, kernel, jobs, book.finished, threads)
+    except KeyboardInterrupt:
+        book.interrupted(todo, started)
+        raise RunInterrupted(f"interrupted: the points that were running are recorded as '{INTERRUPTED}' in "
+                             f"{root / 'results.json'}; the same command resumes the sweep") from None
+    finally:
+        if book.bar is not None:
+            book.bar.close()
+    summary = book.publish()
+    echo(f"[workbench] sweep index: {root / 'index.html'}")
+    return summary
+
+
+def _check_sweep_options(*, jobs: int, executor: str, timeout: int, gpus_per_point: float,
+                         cpus_per_point: int | None, gather: bool) -> None:
+    """Refuse invalid execution options of :func:`run_sweep` before the notebook is even read."""
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"--jobs={jobs!r} must be an integer >= 1")
     if executor not in EXECUTORS:
@@ -190,21 +234,23 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
                          "divides this machine's cores among its --jobs and runs on its default device")
     if not isinstance(timeout, int) or timeout <= 0:
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
-    path = resolve_notebook(notebook)
-    grid = normalise_grid(path, {k: list(v) for k, v in grid.items()})
-    points, refused = check_grid(path, grid)
-    root = Path(output) if output else default_output(path, grid)
-    ray_backend = None
-    if executor == "ray":
-        from workbench import ray_executor
 
-        ray_backend = ray_executor.connect(address)  # fails fast on a bad address, before any work
-        if not gather:
-            ray_backend.check_shared_folder(root)
-    check_writable(root / "points")
-    kernel = ensure_kernel()
-    write_json_atomic(root / "sweep.json", {"notebook": str(path), "grid": grid})
 
+def _connect_ray(address: str | None, root: Path, gather: bool):
+    """The Ray backend at ``address`` (a local instance by default). Fails fast on a bad address, and without
+    ``gather`` on a sweep folder some node does not see, before any work."""
+    from workbench import ray_executor
+
+    ray_backend = ray_executor.connect(address)
+    if not gather:
+        ray_backend.check_shared_folder(root)
+    return ray_backend
+
+
+def _plan_points(path: Path, points: list[dict], refused: dict[str, str],
+                 root: Path) -> tuple[dict[str, dict], list[tuple[str, dict, Path]]]:
+    """The outcomes known before anything runs (points a previous run finished, and refused points, whose
+    ``point.json`` is written now) and the ``(point id, parameters, folder)`` of each point left to run."""
     outcomes: dict[str, dict] = {}
     todo = []
     for params in points:
@@ -219,58 +265,58 @@ def run_sweep(notebook: str, grid: Mapping[str, Sequence[Any]], jobs: int = 1, o
             outcomes[pid] = _refused_point(point_dir, path, params, refused[pid])
             continue
         todo.append((pid, params, point_dir))
-    skipped = len(points) - len(todo) - len(refused)
-    threads = threads_per_point(jobs) if ray_backend is None else (cpus_per_point or 1)
-    echo(f"[workbench] sweep {path.stem}: {len(points)} points, {skipped} already done, "
-         f"{len(refused)} refused, {len(todo)} to run with {jobs} job(s)"
-         + (f" of {threads} CPU thread(s)" if threads else "") + f" -> {root}")
+    return outcomes, todo
 
-    def publish(interrupted: bool = False) -> dict:
-        summary = _summary(path, grid, points, outcomes, root)
+
+@dataclass
+class _SweepBook:
+    """The sweep's outcomes so far, republished as ``results.json`` and ``index.html`` whenever a point
+    ends, so that a sweep stopped at any moment keeps every finished point."""
+
+    path: Path
+    grid: dict
+    points: list[dict]
+    root: Path
+    outcomes: dict[str, dict]
+    echo: Callable[..., Any]
+    bar: Any = None  # a workbench.progress.Progress, or None to echo one line per point
+    lock: threading.Lock = field(default_factory=threading.Lock)  # points end on executor threads
+
+    def publish(self, interrupted: bool = False) -> dict:
+        """Write ``results.json`` and ``index.html`` atomically; return the summary."""
+        summary = _summary(self.path, self.grid, self.points, self.outcomes, self.root)
         if interrupted:
             summary["status"] = INTERRUPTED
-        write_json_atomic(root / "results.json", summary)
-        write_text_atomic(root / "index.html", render_sweep_index(summary))
+        write_json_atomic(self.root / "results.json", summary)
+        write_text_atomic(self.root / "index.html", render_sweep_index(summary))
         return summary
 
-    publish()
-    lock = threading.Lock()
-    bar = None
-    if progress and todo:
-        from workbench.progress import Progress
-
-        bar = Progress(len(todo), f"sweep {path.stem}", "point")
-
-    def finished(pid: str, outcome: dict) -> None:
-        with lock:
-            outcomes[pid] = outcome
-            publish()
+    def finished(self, pid: str, outcome: dict) -> None:
+        """Record and publish a point's outcome, and report it on the progress bar or as a line."""
+        with self.lock:
+            self.outcomes[pid] = outcome
+            self.publish()
         note = (f"{pid}: {outcome['status']} in {outcome.get('duration') or 0:.0f} s"
                 + (f" -- {outcome['error'].splitlines()[0]}" if outcome.get("error") else ""))
-        if bar is not None:
-            bar.update(1, note=note)
+        if self.bar is not None:
+            self.bar.update(1, note=note)
         else:
-            echo(f"[workbench]   {note}")
+            self.echo(f"[workbench]   {note}")
 
-    started = time.time()
-    try:
-        if ray_backend is not None:
-            job = ray_executor.PointJob(str(path), path.read_text(), timeout, kernel, threads, gather)
-            ray_backend.run(todo, job, threads, gpus_per_point, jobs, _execute_point, finished)
-        else:
-            _run_local(todo, path, timeout, kernel, jobs, finished, threads)
-    except KeyboardInterrupt:
-        with lock:
-            _collect_interrupted(todo, outcomes, started)
-            publish(interrupted=True)
-        raise RunInterrupted(f"interrupted: the points that were running are recorded as '{INTERRUPTED}' in "
-                             f"{root / 'results.json'}; the same command resumes the sweep") from None
-    finally:
-        if bar is not None:
-            bar.close()
-    summary = publish()
-    echo(f"[workbench] sweep index: {root / 'index.html'}")
-    return summary
+    def interrupted(self, todo: list, started: float) -> None:
+        """After Ctrl-C or SIGTERM: publish with the points that were running recorded as interrupted."""
+        with self.lock:
+            _collect_interrupted(todo, self.outcomes, started)
+            self.publish(interrupted=True)
+
+
+def _run_ray(ray_backend, todo, path: Path, timeout: int, kernel: str, jobs: int, threads: int,
+             gpus_per_point: float, gather: bool, finished) -> None:
+    """Run the points as Ray tasks (:mod:`workbench.ray_executor`), at most ``jobs`` at a time."""
+    from workbench import ray_executor
+
+    job = ray_executor.PointJob(str(path), path.read_text(), timeout, kernel, threads, gather)
+    ray_backend.run(todo, job, threads, gpus_per_point, jobs, _execute_point, finished)
 
 
 @contextlib.contextmanager

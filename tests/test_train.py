@@ -327,3 +327,19 @@ def test_fit_compile_on_cuda_with_iebn_noise_and_a_probe():
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-4)
     assert len(logs[1]) == len(logs[0]) == 2
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), [
+    ("log_every", 0, "an integer >= 1"), ("max_steps", 0, "None or an integer >= 1"),
+    ("max_steps", 2.5, "None or an integer >= 1"), ("grad_clip", 0.0, "None or a number > 0"),
+    ("grad_clip", -1, "None or a number > 0")])
+def test_loop_options_out_of_range_are_refused_before_training(name, value, allowed):
+    """log_every=0 used to divide by zero at the first step, max_steps=0 ran one step, grad_clip=0 zeroed
+    every gradient; each is now refused by name, with the allowed values, before anything runs."""
+    from workbench.train import FitOptions
+
+    with pytest.raises(ValueError, match=rf"{name}={value!r} is not valid; allowed: {allowed}"):
+        FitOptions(**{name: value})
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=rf"{name}={value!r} is not valid"):
+        fit(model, [(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))], **{name: value})

@@ -144,11 +144,25 @@ class FitOptions:
             raise ValueError(f"scheduler_interval={self.scheduler_interval!r}; allowed: 'epoch', 'step'")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
+        _check_positive_int("max_steps", self.max_steps, nullable=True)
+        _check_positive_int("log_every", self.log_every, nullable=False)
+        clip = self.grad_clip
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            # clip_grad_norm_ to 0 would silently zero every gradient
+            raise ValueError(f"grad_clip={self.grad_clip!r} is not valid; allowed: None or a number > 0")
 
     @property
     def checkpoint_path(self) -> Path | None:
         """``checkpoint_dir/last.pt``, or ``None`` without a checkpoint folder."""
         return Path(self.checkpoint_dir) / "last.pt" if self.checkpoint_dir else None
+
+
+def _check_positive_int(name: str, value: Any, nullable: bool) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or an integer >= 1" if nullable else "an integer >= 1"
+        raise ValueError(f"{name}={value!r} is not valid; allowed: {allowed}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,47 @@ def test_interactive_figure_updates_in_place_and_caches():
     assert calls == [0.5, 1.0], "a setting already computed is served from the cache"
 
 
+def _front_end_messages(figure) -> list[str]:
+    """The names of the plotly.js calls the widget sends its front end from now on."""
+    names = ["_py2js_addTraces", "_py2js_deleteTraces", "_py2js_restyle", "_py2js_relayout", "_py2js_update",
+             "_py2js_animate", "_py2js_removeLayoutProps", "_py2js_removeTraceProps"]
+    sent: list[str] = []
+    figure.observe(lambda change: sent.append(change["name"]) if change["new"] else None, names=names)
+    return sent
+
+
+def _bars(result, level):
+    figure = go.Figure([go.Bar(x=["bn", "iebn"], y=result, error_y=dict(type="data", array=[0.1, 0.1])),
+                        go.Scatter(y=result, mode="lines", name="loss")])
+    if level > 0.5:  # a property only the first figure has must not survive the update
+        figure.data[0].error_y = None
+    return figure.update_layout(title=f"level {level}")
+
+
+def test_a_new_setting_reaches_the_front_end_as_one_update():
+    slider = widgets.noise_level_slider(0.0, levels=[0.0, 1.0])
+    panel = widgets.InteractiveFigure({"level": slider}, lambda level: [level, 2 * level], _bars)
+    sent = _front_end_messages(panel.figure)
+    slider.value = 1.0
+    # deleting and re-adding the traces would draw an empty plot, then the new data under the old title
+    assert sent == ["_py2js_update"]
+    assert [list(t.y) for t in panel.figure.data] == [[1.0, 2.0], [1.0, 2.0]]
+    assert panel.figure.layout.title.text == "level 1.0"
+    assert not panel.figure.data[0].error_y.array
+
+
+def test_other_trace_types_replace_the_traces():
+    def build(result, level):
+        trace = go.Bar(y=result) if level > 0.5 else go.Scatter(y=result)
+        return go.Figure(trace, layout=dict(title=f"level {level}"))
+
+    slider = widgets.noise_level_slider(0.0, levels=[0.0, 1.0])
+    panel = widgets.InteractiveFigure({"level": slider}, lambda level: [level, 3 * level], build)
+    slider.value = 1.0
+    assert [(t.type, list(t.y)) for t in panel.figure.data] == [("bar", [1.0, 3.0])]
+    assert panel.figure.layout.title.text == "level 1.0"
+
+
 def test_failure_is_shown_next_to_the_control():
     def compute(level):
         if level > 0.5:

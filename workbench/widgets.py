@@ -86,8 +86,8 @@ class InteractiveFigure:
 
     ``compute(**values)`` does the (expensive) work and is cached per combination of values;
     ``build(result, **values)`` turns its result into a ``go.Figure`` (a pure viz builder). The
-    widget's data and layout are replaced in place inside ``batch_update`` so the front end redraws
-    once.
+    widget's data and layout are replaced in place (:func:`show_in_place`), so the front end redraws
+    once, from the old figure straight to the new one.
     """
 
     def __init__(self, controls: Mapping[str, Any], compute: Callable[..., Any],
@@ -124,11 +124,7 @@ class InteractiveFigure:
         self.status.value = "computing..."
         try:
             with self._lock:
-                fresh = self.figure_for(**values)
-                with self.figure.batch_update():
-                    self.figure.data = []
-                    self.figure.add_traces(list(fresh.data))
-                    self.figure.layout = fresh.layout
+                show_in_place(self.figure, self.figure_for(**values))
             self.status.value = ""
         except Exception as exc:  # show the failure next to the control instead of a silent dead slider
             self.status.value = f"<span style='color:#cf222e'>{type(exc).__name__}: {exc}</span>"
@@ -142,6 +138,36 @@ class InteractiveFigure:
         from IPython.display import display
 
         display(self.widget)
+
+
+def show_in_place(widget: go.FigureWidget, fresh: go.Figure) -> None:
+    """Make ``widget`` show ``fresh``'s traces and layout, keeping the widget.
+
+    When both have the same trace types in the same order (a builder called with other values), every
+    trace is overwritten property by property (properties only the old trace had are unset) inside one
+    ``batch_update``: one ``Plotly.update`` message, one redraw. Deleting and re-adding the traces
+    instead sends three messages (delete, add, relayout), and the front end draws an empty plot, then
+    the new data under the old layout, before the new figure. A different set of traces is replaced
+    that way all the same, since a trace's type cannot be restyled.
+    """
+    if [trace.type for trace in widget.data] != [trace.type for trace in fresh.data]:
+        with widget.batch_update():
+            widget.data = []
+            widget.add_traces(list(fresh.data))
+            widget.layout = fresh.layout
+        return
+    with widget.batch_update():
+        for trace, new in zip(widget.data, fresh.data):
+            _overwrite(trace, new.to_plotly_json(), keep={"type", "uid"})
+        _overwrite(widget.layout, fresh.layout.to_plotly_json(), keep=set())
+
+
+def _overwrite(properties, spec: Mapping[str, Any], keep: set[str]) -> None:
+    # Assigning properties one by one (rather than the whole layout, which plotly sends at once) lets
+    # batch_update gather them into its single update message.
+    for stale in properties.to_plotly_json().keys() - spec.keys() - keep:
+        properties[stale] = None
+    properties.update({name: value for name, value in spec.items() if name not in keep}, overwrite=True)
 
 
 def interactive_figure(controls: Mapping[str, Any], compute: Callable[..., Any],

@@ -30,3 +30,19 @@ def test_atomic_checkpoint_keeps_old_file_on_failure(tmp_path):
         atomic_save({"w": torch.zeros(3), "bad": Unpicklable()}, path)
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_plain_makes_json_safe_data_and_strict_refuses_objects():
+    """One conversion serves the probe logs (lenient) and report.record (strict)."""
+    import math
+
+    import torch
+
+    from workbench.io import plain
+
+    value = {1: torch.tensor([1.0, math.nan]), "b": (math.inf, -math.inf), "c": None}
+    assert plain(value) == {"1": [1.0, None], "b": ["inf", "-inf"], "c": None}
+    marker = object()
+    assert plain([marker])[0] is marker
+    with pytest.raises(TypeError, match="cannot record a value of type object"):
+        plain({"a": [marker]}, strict=True)

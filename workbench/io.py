@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, report or log."""
+"""Atomic file writes (a reader, or a crash, never sees a half-written checkpoint, report or log) and the
+JSON-safe plain data they hold."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -61,3 +63,21 @@ def check_writable(folder: str | os.PathLike) -> Path:
         raise ValueError(f"cannot write to {where}: {exc.strerror or exc}; make it writable or choose "
                          "another folder (--output)") from None
     return folder
+
+
+def plain(value: Any, strict: bool = False) -> Any:
+    """JSON-safe plain data: tensors and numpy values become lists or numbers, mapping keys strings,
+    NaN ``None`` and infinities ``"inf"`` / ``"-inf"``. Any other object passes through unchanged, or,
+    with ``strict``, raises ``TypeError`` (a recorded metric must be data)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): plain(v, strict) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, strict) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if strict and not (value is None or isinstance(value, (bool, int, float, str))):
+        raise TypeError(f"cannot record a value of type {type(value).__name__}; use numbers, strings, "
+                        "lists or dicts of them")
+    return value

@@ -7,39 +7,22 @@ Interactively the values are kept in memory and can be read back with :func:`rec
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from workbench.io import write_json_atomic
+from workbench.io import plain, write_json_atomic
 
 ENV_VAR = "WORKBENCH_METRICS"
 BATCH_ENV_VAR = "WORKBENCH_BATCH"
 _metrics: dict[str, Any] = {}
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe plain data from numbers, tensors, numpy scalars and containers."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot record a value of type {type(value).__name__}; use numbers, strings, "
-                    "lists or dicts of them")
-
-
 def record(name: str, value: Any) -> Any:
     """Record one metric (a number, string, or a list/dict of them) under ``name``; returns ``value``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"metric name must be a non-empty string, got {name!r}")
-    _metrics[name] = _plain(value)
+    _metrics[name] = plain(value, strict=True)
     path = os.environ.get(ENV_VAR)
     if path:
         write_json_atomic(Path(path), _metrics)

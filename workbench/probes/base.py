@@ -18,7 +18,6 @@ With ``path`` set it is written atomically after every epoch and at the end of t
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from workbench.callbacks import Callback
-from workbench.io import write_json_atomic
+from workbench.io import plain, write_json_atomic
 from workbench.probes.schedule import StepSchedule, as_schedule  # noqa: F401 - StepSchedule re-exported
 
 HOOKS = ("on_after_backward", "on_step_end", "on_epoch_end")
@@ -39,19 +38,6 @@ def check_every(every: Any) -> int:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every={every!r} is not valid; allowed: an integer >= 1")
     return every
-
-
-def plain(value: Any) -> Any:
-    """JSON-safe plain data: tensors and numpy values become lists/numbers, NaN/inf become None/strings."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
 
 
 def probe_inputs(data: Any, max_samples: int) -> torch.Tensor:

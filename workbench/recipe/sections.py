@@ -62,27 +62,26 @@ def fill_section(name: str, given: Any, defaults: dict[str, Any]) -> dict | None
     """A nested section with its defaults filled in; ``None`` when absent (or ``false``: YAML's ``off``)."""
     if given is None or given is False:
         return None
+    _check_mapping(name, given, defaults, f"a mapping with keys {', '.join(defaults)} (or {OFF!r} on the command line)")
+    return {**defaults, **given}
+
+
+def _check_mapping(name: str, given: Any, allowed: Any, what: str) -> None:
+    """``given`` is a mapping whose keys are among ``allowed``; else a ValueError naming the section."""
     if not isinstance(given, dict):
-        raise ValueError(f"{name}={given!r} is not valid; allowed: a mapping with keys {', '.join(defaults)} "
-                         f"(or {OFF!r} on the command line)")
-    unknown = sorted(set(given) - set(defaults))
+        raise ValueError(f"{name}={given!r} is not valid; allowed: {what}")
+    unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(f'{name}.{k}' for k in unknown)}; allowed: "
-                         f"{', '.join(f'{name}.{k}' for k in defaults)}")
-    return {**defaults, **given}
+                         f"{', '.join(f'{name}.{k}' for k in allowed)}")
 
 
 def fill_probes(given: Any) -> dict[str, dict]:
     """The ``probes`` section: each named probe's options with its defaults; ``false`` drops a probe."""
     if given is None or given is False:
         return {}
-    if not isinstance(given, dict):
-        raise ValueError(f"probes={given!r} is not valid; allowed: a mapping of probe names "
-                         f"({', '.join(PROBE_DEFAULTS)}) to their options")
-    unknown = sorted(set(given) - set(PROBE_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(f'probes.{k}' for k in unknown)}; allowed: "
-                         f"{', '.join(f'probes.{k}' for k in PROBE_DEFAULTS)}")
+    _check_mapping("probes", given, PROBE_DEFAULTS,
+                   f"a mapping of probe names ({', '.join(PROBE_DEFAULTS)}) to their options")
     out = {}
     for name, options in given.items():
         if options is False:

@@ -148,19 +148,19 @@ def _add_run(sub) -> None:
     p.add_argument("--preset", choices=PRESETS, help="shorthand for -p preset NAME (default: the notebook's)")
     p.add_argument("--device", help=f"shorthand for -p device NAME: {DEVICE_CHOICES_HELP} (default: the "
                                     "notebook's, auto)")
-    _add_execution_options(p, "run folder (default: reports/<timestamp>)",
-                           "per-notebook progress (cells done, elapsed")
+    _add_execution_options(p, "run folder (default: reports/<timestamp>)", "per-notebook progress",
+                           "cells done, elapsed")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' output to this terminal")
     p.set_defaults(func=_cmd_run)
 
 
-def _add_execution_options(p, output_help: str, progress_what: str) -> None:
+def _add_execution_options(p, output_help: str, progress: str, progress_shows: str) -> None:
     """The options ``run`` and ``sweep`` share: where results go, the per-cell timeout, progress."""
     p.add_argument("--output", metavar="FOLDER", help=output_help)
     p.add_argument("--timeout", type=int, default=3600, metavar="SECONDS",
                    help="per-cell timeout in seconds (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
-                   help=f"no {progress_what}; a bar on a terminal, lines otherwise)")
+                   help=f"no {progress} ({progress_shows}; a bar on a terminal, lines otherwise)")
 
 
 def _add_sweep(sub) -> None:
@@ -173,8 +173,8 @@ def _add_sweep(sub) -> None:
                    help="one grid axis: a parameter and its values (Python literals or strings), repeatable")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="points executed in parallel, each with the CPU cores divided by N (default: %(default)s)")
-    _add_execution_options(p, "sweep folder (default: reports/sweep-<notebook>-<grid hash>)",
-                           "progress (points done, elapsed, ETA")
+    _add_execution_options(p, "sweep folder (default: reports/sweep-<notebook>-<grid hash>)", "progress",
+                           "points done, elapsed, ETA")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: a process pool on this machine; ray: Ray tasks, on a cluster with --address "
                         "(needs the ray extra) (default: %(default)s)")

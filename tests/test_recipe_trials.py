@@ -234,3 +234,18 @@ def test_identical_arms_on_paired_seeds_differ_by_exactly_zero():
     verdict = result.verdicts[0]
     assert verdict.interval.mean == 0.0 and verdict.interval.sd == 0.0
     assert verdict.verdict == "inconclusive" and verdict.seeds_needed is None
+
+
+def test_one_arms_points_give_the_same_rows_as_the_whole_trial():
+    """run_points over one arm's points (its reference rows ran elsewhere) checks and shapes each row as
+    run_trial does; an arm the trial does not have is refused."""
+    from workbench.recipe import run_points
+
+    trial = toy_trial()
+    whole = run_trial(trial, toy_point, progress=False).rows
+    treatment = run_points(trial, trial.points(arms=("iebn",)), toy_point, progress=False)
+    assert treatment == [row for row in whole if row["arm"] == "iebn"]
+    with pytest.raises(ValueError, match=r"arms=\['se'\] are not arms of this trial; allowed: \['bn', 'iebn'\]"):
+        trial.points(arms=("se",))
+    with pytest.raises(ValueError, match="allowed: a dict holding the trial's metric 'acc'"):
+        run_points(trial, trial.points(arms=("bn",)), lambda arm, seed, setting: {"loss": 0.0}, progress=False)

@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from workbench.data import get_dataset, make_loader
 from workbench.data.fashion import locate_full_set
@@ -49,7 +48,7 @@ from workbench.data.paths import resolve_root
 from workbench.experiments.acceleration import acceleration_options
 from workbench.experiments.attention import build, limit_cpu_threads
 from workbench.params import Param
-from workbench.recipe import Trial, Verdict, paired_loader, paired_models, run_trial, verdicts_from_rows
+from workbench.recipe import Trial, Verdict, paired_loader, paired_models, run_points, run_trial, verdicts_from_rows
 from workbench.train import NonFiniteLossError, default_optimizer, evaluate, fit
 
 # condition -> how the network differs from the standard residual BN network
@@ -210,14 +209,6 @@ def _caveats(params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], verdi
     return caveats
 
 
-def _se_rows(params: Mapping[str, Any], trial: Trial, run_point, progress: bool) -> list[dict]:
-    points = [(seed, setting) for setting in trial.settings for seed in trial.seeds]
-    rows = []
-    for seed, setting in tqdm(points, desc="SE arm", disable=not progress, leave=False):
-        rows.append({"arm": "se", "seed": seed, **setting, **run_point("se", seed, dict(setting))})
-    return rows
-
-
 def run_evidence(params: Mapping[str, Any], data: tuple[Any, Any] | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """The paired trial(s) on ``params`` as :func:`resolve_evidence` leaves them. Returns ``{"trials",
@@ -230,7 +221,8 @@ def run_evidence(params: Mapping[str, Any], data: tuple[Any, Any] | None = None,
     with limit_cpu_threads(params.get("cpu_threads"), params["device"]):
         rows = run_trial(trials["dia_vs_none"], run_point, progress=progress).rows
         if "dia_vs_se" in trials:  # the DIA runs are shared: only the SE arm trains here
-            rows = rows + _se_rows(params, trials["dia_vs_se"], run_point, progress)
+            se_trial = trials["dia_vs_se"]
+            rows = rows + run_points(se_trial, se_trial.points(arms=("se",)), run_point, progress=progress)
     verdicts = {name: [v.with_caveats(*_caveats(params, rows, v)) for v in verdicts_from_rows(trial, rows)]
                 for name, trial in trials.items()}
     return {"trials": {name: t.to_dict() for name, t in trials.items()}, "rows": rows, "verdicts": verdicts,

@@ -23,12 +23,20 @@ from workbench.recipe.evidence import (
 from workbench.recipe.pairing import SharedWeights, paired_loader, paired_models, share_initial_weights
 from workbench.recipe.source_stats import STATISTICS, evaluate_per_source, recalibrate_bn
 from workbench.recipe.spec import TrainConfig, check_setup, load_config
-from workbench.recipe.trials import Trial, TrialPoint, TrialResult, Verdict, run_trial, verdicts_from_rows
+from workbench.recipe.trials import (
+    Trial,
+    TrialPoint,
+    TrialResult,
+    Verdict,
+    run_points,
+    run_trial,
+    verdicts_from_rows,
+)
 
 __all__ = [
     "CONFIDENCE", "DIRECTIONS", "STATISTICS", "VERDICTS", "PairedInterval", "SharedWeights", "TrainConfig",
     "Training", "Trial", "TrialPoint", "TrialResult", "Verdict", "build_callbacks", "build_training", "check_setup",
     "evaluate_per_source", "interval_from_differences", "load_config", "paired_interval", "paired_loader",
-    "paired_models", "power_sentence", "recalibrate_bn", "run_trial", "seeds_needed", "share_initial_weights",
-    "verdict_word", "verdicts_from_rows",
+    "paired_models", "power_sentence", "recalibrate_bn", "run_points", "run_trial", "seeds_needed",
+    "share_initial_weights", "verdict_word", "verdicts_from_rows",
 ]

@@ -130,10 +130,15 @@ class Trial:
     def treatment(self) -> str:
         return self.arms[1]
 
-    def points(self) -> list[TrialPoint]:
-        """Every (arm, seed, setting), setting-major, then seed, then arm (both arms of a seed adjacent)."""
+    def points(self, arms: Sequence[str] | None = None) -> list[TrialPoint]:
+        """Every (arm, seed, setting), setting-major, then seed, then arm (both arms of a seed adjacent);
+        ``arms``: only those arms' points (e.g. a treatment whose reference rows another trial ran)."""
+        chosen = self.arms if arms is None else tuple(arms)
+        unknown = [a for a in chosen if a not in self.arms]
+        if unknown:
+            raise ValueError(f"arms={unknown!r} are not arms of this trial; allowed: {list(self.arms)}")
         return [TrialPoint(arm, seed, setting) for setting in self.settings for seed in self.seeds
-                for arm in self.arms]
+                for arm in chosen]
 
     def to_dict(self) -> dict:
         return {"claim": self.claim, "arms": list(self.arms), "metric": self.metric, "direction": self.direction,
@@ -222,7 +227,14 @@ def run_trial(trial: Trial, run_point: Callable[[str, int, dict], Mapping[str, A
         raise ValueError(f"trial={type(trial).__name__} is not valid; allowed: a workbench.recipe.Trial")
     if not callable(run_point):
         raise ValueError(f"run_point={run_point!r} is not valid; allowed: a callable (arm, seed, setting) -> dict")
-    points = trial.points()
+    rows = run_points(trial, trial.points(), run_point, executor=executor, progress=progress)
+    return TrialResult(trial=trial, rows=rows, verdicts=verdicts_from_rows(trial, rows))
+
+
+def run_points(trial: Trial, points: Sequence[TrialPoint], run_point: Callable[[str, int, dict], Mapping[str, Any]],
+               *, executor: Any = None, progress: bool = True) -> list[dict]:
+    """The tidy rows of ``points`` (of ``trial``; :meth:`Trial.points`, possibly of some arms only),
+    each checked as :func:`run_trial` checks it; in this process or through ``executor``."""
     rows = []
     with tqdm(total=len(points), desc=trial.claim[:40], disable=not progress, leave=False) as bar:
         if executor is None:
@@ -233,7 +245,7 @@ def run_trial(trial: Trial, run_point: Callable[[str, int, dict], Mapping[str, A
         for point, metrics in zip(points, outcomes):
             rows.append(_row(point, metrics, trial.metric))  # a bad return stops the trial at once
             bar.update()
-    return TrialResult(trial=trial, rows=rows, verdicts=verdicts_from_rows(trial, rows))
+    return rows
 
 
 def verdicts_from_rows(trial: Trial, rows: Sequence[Mapping[str, Any]]) -> list[Verdict]:

@@ -65,7 +65,8 @@ def result():
 def test_resolve_fills_preset_and_refuses_bad_values():
     p = batch_noise.resolve(dict(preset="quick", device="cpu", seed=0, norms=["iebn", "bn"], kind="mean", lr=0.1,
                                  mix_shift="color", micro_batches=4))
-    assert p["dataset"] == "digits" and p["model"] == "resnet20" and p["batch_size"] == max(p["batch_sizes"])
+    assert p["dataset"] == "fashion-mnist" and p["model"] == "resnet20" and p["batch_size"] == max(p["batch_sizes"])
+    assert p["train_per_class"] == batch_noise.PRESETS["quick"]["train_per_class"]
     assert p["levels"] == sorted(p["levels"]) and p["levels"][0] == 0.0
     with pytest.raises(ValueError, match=r"norms.*'layer'.*allowed"):
         batch_noise.resolve(dict(preset="quick", norms=["bn", "layer"], kind="mean", lr=0.1, mix_shift="invert",
@@ -76,6 +77,17 @@ def test_resolve_fills_preset_and_refuses_bad_values():
     with pytest.raises(ValueError, match=r"levels\[0\]=-1.0"):
         batch_noise.resolve(dict(preset="quick", norms=["bn"], kind="mean", levels=[-1.0], lr=0.1,
                                  mix_shift="invert", micro_batches=4))
+
+
+def test_train_per_class_thins_the_training_split_only():
+    base = dict(preset="quick", device="cpu", norms=["bn"], kind="mean", lr=0.1, mix_shift="invert", micro_batches=4)
+    p = batch_noise.resolve({**base, "train_per_class": 7})
+    train, test = batch_noise.datasets(p)
+    assert len(train) == 7 * 10 and len(test) == 1000 and train.image_size == (16, 16)
+    # the preset's value applies only where the dataset has the option; a given one is refused elsewhere
+    assert len(batch_noise.datasets(batch_noise.resolve({**base, "dataset": "digits"}))[0]) == 1437
+    with pytest.raises(ValueError, match=r"train_per_class=7 .*'digits'.*allowed: None"):
+        batch_noise.resolve({**base, "dataset": "digits", "train_per_class": 7})
 
 
 def test_grid_points_no_norm_only_at_level_zero():
@@ -96,7 +108,7 @@ def test_run_all_tidy_results(result):
     assert set(result["grid"]["probes"]) == {"bn", "iebn", "none"}
     assert result["grid"]["probes"]["bn"]["gradient_noise_scale"]["records"][0]["step"] == 0
     assert set(result["mix"]["bn"]) == {"separate", "separate-source-stats", "mixed", "alone"}
-    assert set(result["mix"]["bn"]["mixed"]) == {"digits", "digits-invert", "all"}
+    assert set(result["mix"]["bn"]["mixed"]) == {"fashion-mnist", "fashion-mnist-invert", "all"}
     # BN and IEBN (no batch statistics to mix without a norm), two seeds, two trained arms + the fair evaluation
     assert len(result["mix_rows"]) == 2 * 2 * 3
     assert batch_noise.mix_verdict(result["params"], result["mix_rows"]).verdict in ("supports", "contradicts",
@@ -162,7 +174,7 @@ def test_flat_numbers_and_description(result):
     numbers = batch_noise.key_numbers(result)
     flat = batch_noise.flat_numbers(numbers)
     assert flat["bn_clean_acc"] == numbers["bn"]["clean_acc"]
-    assert "iebn_mix_mixed_digits_invert" in flat and "bn_mix_alone" in flat and flat["max_level"] == 0.5
+    assert "iebn_mix_mixed_fashion_mnist_invert" in flat and "bn_mix_alone" in flat and flat["max_level"] == 0.5
     text = batch_noise.describe(numbers)
     assert "IEBN: clean" in text and "BN: clean" in text
 

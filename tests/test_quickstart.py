@@ -10,7 +10,8 @@ from workbench.experiments import quickstart
 def test_defaults_follow_the_norm(norm, optimizer, lr, clip):
     params = quickstart.resolve(dict(preset="quick", norm=norm, optimizer=None, lr=None, grad_clip=None,
                                      epochs=None))
-    assert (params["optimizer"], params["lr"], params["grad_clip"], params["epochs"]) == (optimizer, lr, clip, 15)
+    assert (params["optimizer"], params["lr"], params["grad_clip"], params["epochs"]) == (
+        optimizer, lr, clip, quickstart.PRESETS["quick"]["epochs"])
 
 
 def test_explicit_choices_win():

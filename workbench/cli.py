@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from workbench.errors import DeviceUnavailableError
-from workbench.params import DEVICE_CHOICES_HELP, PRESETS, parse_cli_value
+from workbench.params import ALL_PRESETS, DEVICE_CHOICES_HELP, parse_cli_value
 
 # `bench all` runs them in this order; pruning last, because on CPU it changes the process's allocator
 # (workbench.benchmarks.allocator) and nothing after it should run under a setting its header does not name
@@ -145,7 +145,7 @@ def _add_run(sub) -> None:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="set a parameter, repeatable; VALUE is a Python literal (0.1, [1, 2], None) or a plain "
                         "string; checked against the notebook's declared parameters before anything runs")
-    p.add_argument("--preset", choices=PRESETS, help="shorthand for -p preset NAME (default: the notebook's)")
+    p.add_argument("--preset", choices=ALL_PRESETS, help="shorthand for -p preset NAME (default: the notebook's)")
     p.add_argument("--device", help=f"shorthand for -p device NAME: {DEVICE_CHOICES_HELP} (default: the "
                                     "notebook's, auto)")
     _add_execution_options(p, "run folder (default: reports/<timestamp>)", "per-notebook progress",

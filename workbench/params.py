@@ -97,6 +97,9 @@ def _check_type(name: str, value: Any, expected: type, param: Param) -> Any:
 
 
 PRESETS = ("quick", "full")
+# every preset some notebook has: the CLI's --preset offers these, and each notebook's own "preset"
+# parameter refuses the ones it lacks (only the evidence notebooks 01, 03 and 04 have "standard")
+ALL_PRESETS = ("quick", "standard", "full")
 DEVICE_CHOICES_HELP = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 AMP_CHOICES = ("off", "bf16", "fp16", "auto")  # autocast precision; "auto": bf16 on CUDA, off elsewhere
 

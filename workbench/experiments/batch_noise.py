@@ -6,7 +6,7 @@ Everything the notebook shows is computed here and returned as plain data:
   only at level 0: there are no batch statistics to perturb) and evaluate clean test accuracy;
   tidy rows plus per-step training losses. The runs of the reference batch size at seed 0 carry
   the gradient-noise-scale and GSNR probes (no extra training).
-- :func:`run_mix_attack` -- the mix-dataset attack: train on digits mixed with a shifted copy,
+- :func:`run_mix_attack` -- the mix-dataset attack: train on the dataset mixed with a shifted copy,
   report accuracy on each source's test split.
 - :func:`run_diagnostics` -- on the trained clean models: BN estimation noise per layer vs batch
   size, coupling gap vs micro-batch size, IEBN gate statistics under injected noise and after
@@ -62,9 +62,12 @@ PARAMETERS = {
     **COMMON,
     **ACCELERATION,
     "dataset": dataset_param("classification", nullable=True,
-                             help="None: the preset's (digits / cifar100); or a registered name or a folder path"),
+                             help="None: the preset's (fashion-mnist / cifar100); a registered name or a folder path"),
     "image_size": Param(int, min=8, max=64, nullable=True,
-                        help="digits and folder datasets: side of the resized images"),
+                        help="digits, fashion-mnist and folder datasets: side of the resized images"),
+    "train_per_class": Param(int, min=1, max=6000, nullable=True,
+                             help="fashion-mnist: training images kept per class (stratified; the test split "
+                                  "stays whole); None: the preset's (quick: 150, standard: all)"),
     "model": Param(str, choices=MODELS, nullable=True, help="CIFAR ResNet; None: the preset's"),
     "width": Param(float, min=0.0625, max=8.0, nullable=True, help="channel width multiplier; None: the preset's"),
     "norms": Param(list, item_type=str, choices=NORMS, help="arms compared, a subset of 'bn', 'iebn', 'none'"),
@@ -105,19 +108,19 @@ PARAMETERS = {
 
 EVIDENCE_ATTACKS = ["mean", "constant", "constant-noisy-stats"]
 # Calibration candidates span small levels: the constant attack with clean running statistics left BN
-# at chance (0.10) already at level 0.25 on the quick preset's digits (calibration seed 2, 2 epochs),
+# at chance (0.10) already at level 0.25 on the 16x16 digits (calibration seed 2, 2 epochs),
 # where the mean attack kept 86% of the clean accuracy.
 PRESETS: dict[str, dict[str, Any]] = {
-    # quick: a smoke run (minutes on 2 CPU cores; make run and the tests). The digits are 8x8 scans, so
-    # 16x16 loses nothing against 32x32 and costs a quarter of the compute. It stays on the digits:
-    # the shipped Fashion-MNIST subset (5,000 training images at 28x28) costs about 3.5x as much per
-    # epoch (measured 24 s per IEBN epoch at batch 64 on the loaded 2-core development machine).
-    # Grid levels: BN, batch 64, 4 epochs, 3 seeds, kind "mean" on 32x32 digits measured 0.85 / 0.81 /
-    # 0.32 / 0.13 accuracy at levels 0 / 0.2 / 0.5 / 1. One CPU thread: see apply_cpu_threads.
-    "quick": {"dataset": "digits", "image_size": 16, "model": "resnet20", "width": 0.5, "levels": [0.0, 1.0],
-              "batch_sizes": [16, 32], "seeds": 2, "mix_seeds": 2, "epochs": 3, "mix_epochs": 1, "probe_every": 9,
-              "cpu_threads": 1, "attacks": EVIDENCE_ATTACKS, "calibration_levels": [0.05, 0.25, 0.5],
-              "levels_per_attack": 1, "evidence_epochs": 2, "gate_every": 15},
+    # quick: a smoke run (minutes on 2 CPU cores; make run and the tests) on real photos: the shipped
+    # Fashion-MNIST subset at 16x16 with 150 training images per class (1,500, as many as the digits'
+    # 1,437) and its whole 1,000-image test split. One IEBN epoch at batch 64 took 1.2 s there against
+    # 3.6 s on all 5,000 images (2026-12-07, 2-core AMD EPYC, one thread). One epoch per run keeps the
+    # notebook near 2 minutes (2 epochs: 191 s, evidence 91 s, grid 60 s, mix 25 s); the networks are far
+    # from trained (clean accuracy about 0.5), which a smoke run may be. One CPU thread: see apply_cpu_threads.
+    "quick": {"dataset": "fashion-mnist", "image_size": 16, "train_per_class": 150, "model": "resnet20",
+              "width": 0.5, "levels": [0.0, 1.0], "batch_sizes": [32, 64], "seeds": 2, "mix_seeds": 2, "epochs": 1,
+              "mix_epochs": 1, "probe_every": 9, "cpu_threads": 1, "attacks": EVIDENCE_ATTACKS,
+              "calibration_levels": [0.05, 0.25, 0.5], "levels_per_attack": 1, "evidence_epochs": 1, "gate_every": 6},
     # standard: the evidence run on 2 CPU cores, one thread: real images (the shipped Fashion-MNIST
     # subset at 28x28, 79 steps per epoch at batch 64), 3 paired seeds; the grid is context only (one
     # epoch). Cost: about 110 epochs of that subset (grid 15, calibration 26, trial 48, mix 24 over the
@@ -126,12 +129,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # preset (seed 0, 2 epochs = 158 steps) reached a largest gate std/mean over layers of 0.058 at step
     # 140 (threshold 0.01; mean gate std over samples 0.0019), 0.20 with iebn_init="gamma-compensated"
     # (2026-12-06, 2-core machine): enough for the gate-engagement criterion, small in absolute terms.
-    "standard": {"dataset": "fashion-mnist", "image_size": 28, "model": "resnet20", "width": 0.5,
-                 "levels": [0.0, 0.5], "batch_sizes": [64], "seeds": 3, "mix_seeds": 3, "epochs": 1,
+    "standard": {"dataset": "fashion-mnist", "image_size": 28, "train_per_class": None, "model": "resnet20",
+                 "width": 0.5, "levels": [0.0, 0.5], "batch_sizes": [64], "seeds": 3, "mix_seeds": 3, "epochs": 1,
                  "mix_epochs": 1, "probe_every": 20, "cpu_threads": 1, "attacks": EVIDENCE_ATTACKS,
                  "calibration_levels": [0.05, 0.2, 0.5, 1.0], "levels_per_attack": 1, "evidence_epochs": 2,
                  "gate_every": 20},
-    "full": {"dataset": "cifar100", "image_size": 32, "model": "resnet56", "width": 1.0,
+    "full": {"dataset": "cifar100", "image_size": 32, "train_per_class": None, "model": "resnet56", "width": 1.0,
              "levels": [0.0, 0.1, 0.25, 0.5, 1.0], "batch_sizes": [32, 128], "seeds": 5, "mix_seeds": 5, "epochs": 60,
              "mix_epochs": 30, "probe_every": 50, "cpu_threads": None,
              "attacks": ["mean", "var", "both", "feature", "constant", "constant-noisy-stats"],
@@ -143,6 +146,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def resolve(params: dict[str, Any]) -> dict[str, Any]:
     """Validate the notebook's parameters and fill what the preset decides."""
     params = validate(params, PARAMETERS, where="01_batch_noise")
+    given_per_class = params.get("train_per_class")  # the preset's applies only where the dataset has per_class
     preset = PRESETS[params.get("preset", "quick")]
     for name, value in preset.items():
         if params.get(name) is None:
@@ -167,6 +171,9 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"parameter batch_size={params['batch_size']} is too small for micro_batches="
                          f"{params.get('micro_batches')}; allowed: batch_size >= 2 * micro_batches")
     check_preset_data(params["dataset"], params["preset"])  # the full preset's CIFAR-100: its layout when absent
+    if given_per_class is not None and not accepted_options(params["dataset"], per_class=1):
+        raise ValueError(f"parameter train_per_class={given_per_class} is not valid for dataset "
+                         f"{params['dataset']!r}, which has no per_class option; allowed: None")
     return resolve_params_acceleration(params)
 
 
@@ -188,14 +195,22 @@ def apply_cpu_threads(params: dict[str, Any]) -> int:
 
 
 def _options(dataset: str, image_size: int | None) -> dict[str, Any]:
-    # image_size applies to the datasets that resize (digits, folders); CIFAR keeps its 32x32
+    # image_size applies to the datasets that resize (digits, fashion-mnist, folders); CIFAR keeps its 32x32
     return accepted_options(dataset, size=image_size)
 
 
-def _datasets(dataset: str, image_size: int | None = None, augment: bool = True) -> tuple[Any, Any]:
+def _datasets(dataset: str, image_size: int | None = None, augment: bool = True,
+              train_per_class: int | None = None) -> tuple[Any, Any]:
+    """``(train, test)`` of ``dataset``; ``train_per_class`` thins the training split of a dataset with a
+    ``per_class`` option (the test split stays whole, so accuracies keep their resolution)."""
     options = _options(dataset, image_size)
-    return (get_dataset(dataset, "train", **accepted_options(dataset, augment=augment), **options),
-            get_dataset(dataset, "test", **options))
+    train_only = accepted_options(dataset, augment=augment, per_class=train_per_class)
+    return (get_dataset(dataset, "train", **train_only, **options), get_dataset(dataset, "test", **options))
+
+
+def datasets(params: dict[str, Any], augment: bool = True) -> tuple[Any, Any]:
+    """The notebook's ``(train, test)`` as its resolved ``params`` name them."""
+    return _datasets(params["dataset"], params.get("image_size"), augment, params.get("train_per_class"))
 
 
 def build(model: str, norm: str, num_classes: int, width: float) -> nn.Module:
@@ -302,7 +317,7 @@ def run_grid(params: dict[str, Any], progress: bool = True) -> dict:
     """Train the whole grid. Returns ``{"rows": [...], "losses": {(norm, level, bs): [...]},
     "probes": {norm: {"gradient_noise_scale": log, "gsnr": log}}, "models": {(norm, level): model},
     "seconds"}``; ``models`` holds the seed-``seed`` models of the reference batch size."""
-    train_set, test_set = _datasets(params["dataset"], params.get("image_size"))
+    train_set, test_set = datasets(params)
     points = grid_points(params)
     rows, losses, models, probe_logs = [], {}, {}, {}
     bar = _bar(points, progress, "grid")
@@ -368,8 +383,8 @@ def accuracy_at(summary: Sequence[dict], level: float, batch_size: int) -> dict[
 
 
 def mixed_sets(dataset: str, shift: str, image_size: int | None = None,
-               augment: bool = True) -> tuple[MixedDataset, MixedDataset]:
-    train_base, test_base = _datasets(dataset, image_size, augment)
+               augment: bool = True, train_per_class: int | None = None) -> tuple[MixedDataset, MixedDataset]:
+    train_base, test_base = _datasets(dataset, image_size, augment, train_per_class)
     label = describe_dataset(dataset).label  # a folder's name, not its whole path, in tables and legends
     names = (label, f"{label}-{shift}")
     train = MixedDataset(train_base, ShiftedDataset(train_base, shift), label_mode="shared", names=names)
@@ -397,8 +412,9 @@ def run_mix_attack(params: dict[str, Any], progress: bool = True) -> list[dict]:
     """
     from workbench.recipe import evaluate_per_source
 
-    train, test = mixed_sets(params["dataset"], params["mix_shift"], params.get("image_size"))
-    calibration, _ = mixed_sets(params["dataset"], params["mix_shift"], params.get("image_size"), augment=False)
+    sets = dict(image_size=params.get("image_size"), train_per_class=params.get("train_per_class"))
+    train, test = mixed_sets(params["dataset"], params["mix_shift"], **sets)
+    calibration, _ = mixed_sets(params["dataset"], params["mix_shift"], augment=False, **sets)
     device = resolve_device(params["device"])
     rows = []
     seeds = range(params["seed"], params["seed"] + params.get("mix_seeds", params["seeds"]))
@@ -514,8 +530,7 @@ def run_diagnostics(params: dict[str, Any], models: dict[tuple[str, float], nn.M
     import torch.nn.functional as F
 
     dev = resolve_device(params["device"])
-    options = _options(params["dataset"], params.get("image_size"))
-    train = get_dataset(params["dataset"], "train", **options)
+    train, _ = datasets(params, augment=False)
     x, y = reference_batch(train, max(params["batch_size"], 64), params["seed"], dev)
     out: dict[str, Any] = {"estimation": {}, "coupling": {}, "attention_injected": None, "attention_trained": None}
     sizes = [b for b in (2, 4, 8, 16, 32, 64, 128, 256) if b < len(train)]

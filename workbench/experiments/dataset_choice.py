@@ -3,7 +3,7 @@
 The value is checked where every other parameter is (in the runner before a kernel starts, and in
 the notebook before training): the name must exist, a folder must pass its scan, and the task must
 be the notebook's. A folder path is made absolute, so a kernel started elsewhere finds it. A notebook's
-``dataset = None`` means its preset's data (the embedded digits for ``quick``, the papers' data for
+``dataset = None`` means its preset's data (the shipped Fashion-MNIST subset for ``quick``, the papers' data for
 ``full``), whose files are checked when the parameters are.
 """
 

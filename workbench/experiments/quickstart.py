@@ -1,4 +1,4 @@
-"""Notebook 00_quickstart: train a small CIFAR-style ResNet on the embedded digits (the quick preset),
+"""Notebook 00_quickstart: train a small CIFAR-style ResNet on the shipped Fashion-MNIST subset (the quick preset),
 CIFAR-100 (the full preset) or any classification dataset (a registered name or a folder), and
 evaluate it."""
 
@@ -23,7 +23,7 @@ PARAMETERS = {
     **COMMON,
     **ACCELERATION,
     "dataset": dataset_param("classification", nullable=True,
-                             help="None: the preset's (digits / cifar100); or a registered name or a folder path"),
+                             help="None: the preset's (fashion-mnist / cifar100); a registered name or a folder path"),
     "model": Param(str, choices=("resnet20", "resnet32", "resnet56", "resnet110"), help="CIFAR ResNet depth"),
     "norm": Param(str, choices=NORMS, help="normalisation layer"),
     "attention": Param(str, choices=ATTENTIONS, help="channel attention in every block"),
@@ -37,7 +37,9 @@ PARAMETERS = {
     "width": Param(float, min=0.0625, max=8.0, help="channel width multiplier"),
 }
 
-PRESETS = {"quick": {"dataset": "digits", "epochs": 15}, "full": {"dataset": "cifar100", "epochs": 60}}
+# quick: the shipped Fashion-MNIST subset (5,000 training photos at 28x28); 3 epochs cost about half of the
+# 15 epochs over the 1,437 digits at 32x32 this preset used before
+PRESETS = {"quick": {"dataset": "fashion-mnist", "epochs": 3}, "full": {"dataset": "cifar100", "epochs": 60}}
 DEFAULT_LR = {"sgd": 0.1, "adamw": 0.002}
 
 

@@ -114,13 +114,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # quick: a smoke run (minutes on 2 CPU cores; make run and the tests) on real photos: the shipped
     # Fashion-MNIST subset at 16x16 with 150 training images per class (1,500, as many as the digits'
     # 1,437) and its whole 1,000-image test split. One IEBN epoch at batch 64 took 1.2 s there against
-    # 3.6 s on all 5,000 images (2026-12-07, 2-core AMD EPYC, one thread). One epoch per run keeps the
-    # notebook near 2 minutes (2 epochs: 191 s, evidence 91 s, grid 60 s, mix 25 s); the networks are far
-    # from trained (clean accuracy about 0.5), which a smoke run may be. One CPU thread: see apply_cpu_threads.
+    # 3.6 s on all 5,000 images (2026-12-07, 2-core AMD EPYC, one thread). The trial's runs take 2 epochs
+    # (BN's clean accuracy about 0.54, IEBN's 0.49), the grid's 1 (BN 0.35, IEBN 0.15: context only), so
+    # the notebook takes about 2 1/2 minutes (the trial 91 s, the grid 60 s with 2 epochs, 30 s with 1, the
+    # mix attack 25 s). One CPU thread: see apply_cpu_threads.
     "quick": {"dataset": "fashion-mnist", "image_size": 16, "train_per_class": 150, "model": "resnet20",
               "width": 0.5, "levels": [0.0, 1.0], "batch_sizes": [32, 64], "seeds": 2, "mix_seeds": 2, "epochs": 1,
               "mix_epochs": 1, "probe_every": 9, "cpu_threads": 1, "attacks": EVIDENCE_ATTACKS,
-              "calibration_levels": [0.05, 0.25, 0.5], "levels_per_attack": 1, "evidence_epochs": 1, "gate_every": 6},
+              "calibration_levels": [0.05, 0.25, 0.5], "levels_per_attack": 1, "evidence_epochs": 2, "gate_every": 8},
     # standard: the evidence run on 2 CPU cores, one thread: real images (the shipped Fashion-MNIST
     # subset at 28x28, 79 steps per epoch at batch 64), 3 paired seeds; the grid is context only (one
     # epoch). Cost: about 110 epochs of that subset (grid 15, calibration 26, trial 48, mix 24 over the

@@ -73,7 +73,7 @@ PARAMETERS = {
                     help="quick: a smoke run (minutes, 2 seeds); standard: the evidence run (<= 30 min on 2 CPU "
                          "cores); full: paper-sized (Cityscapes, GPU)"),
     "dataset": dataset_param("segmentation", nullable=True,
-                             help="None: the preset's (fashion-scenes / digit-scenes / cityscapes); or a registered "
+                             help="None: the preset's (fashion-scenes / cityscapes); or a registered "
                                   "name or a folder"),
     "model": Param(str, choices=MODELS, nullable=True,
                    help="segmentation network to sparsify and prune; None: the preset's"),
@@ -112,8 +112,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {**_SMALL_NET, "dataset": "fashion-scenes", "epochs": 6, "sparsity_epochs": 2, "finetune_epochs": 1,
               "seeds": 2, "flops_targets": [0.7, 0.5, 0.3], "ratios": [0.3, 0.5, 0.7], "train_scenes": 256,
               "test_scenes": 128},
-    # the evidence run on 2 CPU cores (its committed results, docs/results/, were measured on digit-scenes)
-    "standard": {**_SMALL_NET, "epochs": 8, "sparsity_epochs": 3, "finetune_epochs": 1, "seeds": 3,
+    # the evidence run on 2 CPU cores (docs/results/04_pruning_sparsity-standard-cpu-2core.md): 269 s on
+    # fashion-scenes (2026-12-07, 2-core AMD EPYC, one thread)
+    "standard": {**_SMALL_NET, "dataset": "fashion-scenes", "epochs": 8, "sparsity_epochs": 3, "finetune_epochs": 1,
+                 "seeds": 3,
                  "flops_targets": [0.7, 0.5, 0.3], "ratios": [0.3, 0.5, 0.7], "train_scenes": 384,
                  "test_scenes": 256},
     "full": {"dataset": "cityscapes", "model": "pspnet_resnet50", "width": 1.0, "epochs": 60, "sparsity_epochs": 30,

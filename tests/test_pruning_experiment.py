@@ -142,7 +142,7 @@ def test_the_full_preset_without_cityscapes_names_the_expected_layout(monkeypatc
 def test_resolve_fills_preset_and_rejects_bad_values() -> None:
     params = exp.resolve({"preset": "standard", "device": "cpu", "seed": 3, "ratio": 0.4, "flops_targets": None})
     assert params["epochs"] == exp.PRESETS["standard"]["epochs"] and 0.4 in params["ratios"]
-    assert params["seed_list"] == [3, 4, 5] and params["flops_targets"] == [0.7, 0.5, 0.3]
+    assert params["seed_list"] == [3, 4, 5, 6, 7, 8] and params["flops_targets"] == [0.7, 0.5, 0.3]
     assert exp.resolve({"preset": "quick"})["seeds"] == 2
     with pytest.raises(ValueError, match="preset"):
         exp.resolve({"preset": "huge"})

@@ -1,6 +1,7 @@
 """`workbench train`: config handling, and DDP under torchrun (gloo, CPU) against one process."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -29,10 +30,21 @@ def test_config_keys_and_values_are_checked(tmp_path):
     assert main(["--nproc-per-node", "4096", "--device", "cpu"]) == 2
 
 
+# gloo's C++ threads sometimes abort a rank at start-up or teardown on a loaded machine (torch's own CI
+# disabled gloo tests for it: pytorch/pytorch#65231). Seen once on the 2-core development machine
+# (2026-12-07): rank 1 died with SIGABRT before writing anything, and the same test passed minutes earlier.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def _run_torchrun(out, args):
+    """torchrun with 2 gloo ranks; one retry, after emptying ``out``, only when a rank died of the gloo
+    abort above (any other failure, and a second abort, fails the test)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "workbench.train_cli", *args, "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr and "SIGABRT" in proc.stderr:
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

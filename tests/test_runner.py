@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -84,3 +87,25 @@ def test_kernels_talk_over_unix_sockets_not_tcp(tmp_path):
     result = runner.execute_notebook(nb, tmp_path / "out", {"seed": 1})
     assert result.status == "done", result.error
     assert result.metrics == {"transport": "ipc"}
+
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Unix sockets are a POSIX transport")
+@pytest.mark.parametrize("depth", ["short", "too-long-for-a-socket-address"])
+def test_kernel_starts_where_jupyter_never_ran(tmp_path_factory, monkeypatch, depth):
+    # A fresh machine has no Jupyter runtime directory, and a deep one cannot hold a socket address.
+    base = Path(tempfile.mkdtemp(prefix="wb-", dir="/tmp"))
+    runtime = base / "rt" if depth == "short" else base / (depth * 3) / "runtime"
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
+    work = tmp_path_factory.mktemp("fresh")
+    nb = write_test_notebook(work / "fresh.ipynb", "from workbench import report\nreport.record('ok', 1)")
+    result = runner.execute_notebook(nb, work / "out", {"seed": 1})
+    assert result.status == "done", result.error
+    assert result.metrics == {"ok": 1}
+    if depth == "short":
+        assert runner.kernel_socket_dir() == str(runtime)
+        assert runtime.is_dir() and (runtime.stat().st_mode & 0o777) == 0o700
+    else:
+        assert runner.kernel_socket_dir().startswith(tempfile.gettempdir())
+        assert not runtime.exists()
+    shutil.rmtree(base)

@@ -216,6 +216,45 @@ class NotebookResult:
         return dict(self.__dict__)
 
 
+# A Unix socket's address holds at most 107 bytes (sizeof(sockaddr_un.sun_path) on Linux, less on
+# macOS); a kernel's socket is "<dir>/kernel-<16 hex>-ipc-<n>" with n up to 5 digits.
+_SOCKET_PATH_MAX = 103
+_SOCKET_NAME_LEN = len("/kernel-0123456789abcdef-ipc-12345")
+
+
+def _fits(directory: str) -> bool:
+    return len(os.fsencode(directory)) + _SOCKET_NAME_LEN <= _SOCKET_PATH_MAX
+
+
+@functools.lru_cache(maxsize=1)
+def _short_socket_dir() -> str:
+    """A private directory (mode 0700) in the temporary directory, one per process, removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="workbench-kernels-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def kernel_socket_dir() -> str | None:
+    """Where kernels bind their Unix sockets: Jupyter's runtime directory, created if missing (a
+    machine that never ran Jupyter has none, and the kernel dies binding there), else, when its
+    path is too long for a socket address, a private one in the temporary directory; None when
+    neither fits (kernels then use TCP)."""
+    from jupyter_core.paths import jupyter_runtime_dir
+    from jupyter_core.utils import ensure_dir_exists
+
+    runtime = jupyter_runtime_dir()
+    if _fits(runtime):
+        ensure_dir_exists(runtime, mode=0o700)
+        return runtime
+    import tempfile
+
+    return _short_socket_dir() if _fits(os.path.join(tempfile.gettempdir(), "workbench-kernels-xxxxxxxx")) else None
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel_manager_option() -> dict:
     """Kernels talk to papermill over Unix sockets where the OS has them: nothing listens on a TCP
@@ -226,17 +265,22 @@ def _kernel_manager_option() -> dict:
     import uuid
 
     from jupyter_client.manager import AsyncKernelManager
-    from jupyter_core.paths import jupyter_runtime_dir
-    from traitlets import CaselessStrEnum, default
+    from traitlets import default
 
     class UnixSocketKernelManager(AsyncKernelManager):
-        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+        @default("transport")
+        def _unix_socket_where_one_fits(self) -> str:
+            self._socket_dir = kernel_socket_dir()
+            return "tcp" if self._socket_dir is None else "ipc"
 
         @default("ip")
         def _unique_socket_prefix(self) -> str:
+            if self.transport != "ipc":
+                return super()._ip_default()
             # jupyter_client's default prefix is "kernel-ipc" in the working directory, shared by
             # every kernel started there: side-by-side kernels would bind each other's sockets.
-            return os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4().hex[:16]}-ipc")
+            directory = getattr(self, "_socket_dir", None) or kernel_socket_dir()
+            return os.path.join(directory, f"kernel-{uuid.uuid4().hex[:16]}-ipc")
 
     return {"kernel_manager_class": UnixSocketKernelManager}
 

@@ -1,6 +1,8 @@
 """Notebook 01's paired trial of the IEBN claim: calibration, relative drops, verdicts, gate warning,
 refusals before training, the gamma-compensated initialisation, the mix verdict, the interval figure."""
 
+import pickle
+
 import pytest
 import torch
 from fake_datasets import write_fake_cifar100
@@ -174,14 +176,16 @@ def test_run_point_pairs_arms_records_gate_and_compensates_only_when_asked(monke
     built = []
     original = ev.compensate_gate_scale
     monkeypatch.setattr(ev, "compensate_gate_scale", lambda m: built.append(m) or original(m))
-    logs = {}
-    run_point = ev.make_run_point(params(), (train, test), logs)
+    run_point = ev.make_run_point(params(), (train, test))
     out = run_point("iebn", 0, {"attack": "constant", "level": 0.5})
-    assert set(logs) == {"constant@0.5/seed0"} and built == []
+    pickle.dumps(run_point)  # it may run in a worker process or a Ray task
+    row = {"arm": "iebn", "seed": 0, "attack": "constant", "level": 0.5, **out}
+    logs = ev.take_gate_logs([row])
+    assert set(logs) == {"constant@0.5/seed0"} and "gate_log" not in row and built == []
     assert out["gate_max_relative_spread"] < 0.01  # 4 steps: the gate has not become instance-specific
     assert ev.gate_caveat(logs, {"attack": "constant", "level": 0.5}).startswith("the gate is not instance-specific")
     assert "gate_max_relative_spread" not in run_point("bn", 0, {"attack": "constant", "level": 0.5})
-    ev.make_run_point(params(iebn_init="gamma-compensated"), (train, test), {})("iebn", 0, ev.CLEAN)
+    ev.make_run_point(params(iebn_init="gamma-compensated"), (train, test))("iebn", 0, ev.CLEAN)
     assert len(built) == 1 and isinstance(next(m for m in built[0].modules() if isinstance(m, IEBN2d)), IEBN2d)
 
 

@@ -121,6 +121,50 @@ ACCELERATION = {
 }
 
 
+# Where the paired trial of an evidence notebook (01, 03, 04) runs its points: the sweep's execution
+# options under the same names (workbench.sweep.trial_executor).
+EXECUTOR_CHOICES = ("local", "ray")
+EXECUTION = {
+    "jobs": Param(int, min=1, max=512, help="trial points run at once: worker processes (local, each with its share "
+                                            "of the cores) or Ray tasks in flight (ray); 1 with local: one after "
+                                            "the other in the notebook's kernel"),
+    "executor": Param(str, choices=EXECUTOR_CHOICES, help="where the trial's points run: 'local' processes or "
+                                                          "'ray' tasks (the ray extra)"),
+    "gpus_per_point": Param(float, min=0.0, help="GPUs each Ray task asks for, fractions allowed (0.25: four "
+                                                 "points share a GPU); ray only"),
+    "ray_address": Param(str, nullable=True, help="the Ray cluster to run on (host:port or ray://host:port); "
+                                                  "None: a local Ray instance; ray only"),
+}
+
+
+def resolve_execution(params: dict[str, Any]) -> dict[str, Any]:
+    """Fill the execution parameters a caller left out (one local point at a time); refuse Ray-only
+    values with ``executor='local'`` and ``executor='ray'`` without Ray installed, before any training
+    (a Ray address that does not answer is refused when the trial connects, before its first point).
+    Returns ``params``."""
+    for name, default in (("jobs", 1), ("executor", "local"), ("gpus_per_point", 0.0), ("ray_address", None)):
+        params.setdefault(name, default)
+    if params["executor"] == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("parameter executor='ray' needs Ray, which is not installed; allowed: 'local', or "
+                             "install the ray extra (pip install 'workbench[ray]')")
+    if params["executor"] == "local":
+        ray_only = {k: params[k] for k in ("gpus_per_point", "ray_address") if params[k]}
+        if ray_only:
+            given = ", ".join(f"{k}={v!r}" for k, v in ray_only.items())
+            raise ValueError(f"parameter(s) {given} apply to executor='ray'; allowed with executor='local': "
+                             "gpus_per_point=0 and ray_address=None (local points run on the notebook's device)")
+    return params
+
+
+def execution_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`workbench.sweep.trial_executor`'s arguments from parameters :func:`resolve_execution` resolved."""
+    return {"jobs": params["jobs"], "executor": params["executor"], "gpus_per_point": params["gpus_per_point"],
+            "address": params["ray_address"]}
+
+
 def validate(values: Mapping[str, Any], spec: Mapping[str, Param], where: str = "notebook") -> dict:
     """Check every value against ``spec``; unknown names and bad values raise ``ValueError``."""
     unknown = sorted(set(values) - set(spec))

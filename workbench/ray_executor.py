@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,6 +117,11 @@ class RayBackend:
                                              error=f"ray task failed: {exc!r}").to_dict()
                 finished(pid, outcome)
 
+    def function_executor(self, cpus_per_point: int, gpus_per_point: float, jobs: int = 1) -> FunctionTasks:
+        """``submit(fn, *args) -> Future`` over Ray tasks: a trial's points
+        (:func:`workbench.sweep.trial_executor`)."""
+        return FunctionTasks(self.ray, cpus_per_point, gpus_per_point, jobs)
+
     def check_shared_folder(self, root: Path, timeout_s: float = 120.0) -> None:
         """Refuse when a node with CPUs does not see ``root`` (the sweep folder) at the same path."""
         ray = self.ray
@@ -141,6 +147,34 @@ class RayBackend:
             raise ValueError(f"--no-gather needs the sweep folder {root} on a filesystem every Ray node sees at the "
                              f"same path; node(s) {', '.join(blind)} do not see it. Put --output on shared storage, "
                              "or drop --no-gather (each point's files then come back to this machine)")
+
+
+class FunctionTasks:
+    """``concurrent.futures``-style ``submit`` over Ray: each call one task asking for
+    ``cpus_per_point`` CPUs (its torch threads) and ``gpus_per_point`` GPUs, retried like a sweep's
+    point when its worker or node dies, at most ``jobs`` in flight (``submit`` waits for a slot);
+    the returned future is Ray's ``ObjectRef.future()``."""
+
+    def __init__(self, ray_module, cpus_per_point: int, gpus_per_point: float, jobs: int = 1,
+                 retries: int = RETRIES) -> None:
+        self.threads = cpus_per_point
+        self.slots = threading.BoundedSemaphore(jobs)
+        self.task = ray_module.remote(num_cpus=cpus_per_point, num_gpus=gpus_per_point,
+                                      max_retries=retries)(_call_with_threads)
+
+    def submit(self, fn: Callable[..., Any], *args: Any):
+        self.slots.acquire()
+        future = self.task.remote(self.threads, fn, *args).future()
+        future.add_done_callback(lambda _: self.slots.release())
+        return future
+
+
+def _call_with_threads(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """A Ray task: ``fn(*args)`` with torch limited to the task's CPUs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*args)
 
 
 def _sees(path: str) -> bool:

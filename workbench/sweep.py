@@ -4,6 +4,10 @@ Each point is a papermill run in its own folder and its own process (so points n
 kernel, an environment variable or a port reservation). A point's outcome is written atomically to
 ``point.json`` when it ends; rerunning the same sweep skips points already done and re-executes
 failed or interrupted ones. ``results.json`` and ``index.html`` at the sweep root collect them all.
+
+The same execution options spread the points of a paired trial (functions, not notebooks):
+:func:`trial_executor`, which the evidence notebooks use through their ``jobs`` / ``executor`` /
+``gpus_per_point`` / ``ray_address`` parameters.
 """
 
 from __future__ import annotations
@@ -346,6 +350,62 @@ def _listen_for_sigint() -> None:
     inherit it ignored: a shell starts background jobs (``workbench sweep ... &``, nohup, batch scripts)
     with SIGINT ignored, and a worker that ignored it would finish its notebook after a SIGTERM."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# trial points: the same machinery for functions
+
+@contextlib.contextmanager
+def trial_executor(jobs: int = 1, executor: str = "local", gpus_per_point: float = 0.0,
+                   cpus_per_point: int | None = None, address: str | None = None):
+    """Where the points of a paired trial run: what :func:`workbench.recipe.run_trial` takes as
+    ``executor``, with the sweep's options and meanings. Use as a context manager::
+
+        with trial_executor(jobs=2) as executor:
+            result = run_trial(trial, run_point, executor=executor)
+
+    ``"local"`` with ``jobs=1`` yields ``None``: the points run one after the other in this process.
+    ``"local"`` with more jobs: a pool of ``jobs`` worker processes (spawned, not forked: torch's
+    thread pools do not survive a fork), each limited to its share of the cores
+    (:func:`threads_per_point`). ``"ray"``: each point a Ray task asking for ``cpus_per_point`` CPUs
+    (default 1, also its torch threads) and ``gpus_per_point`` GPUs, fractions allowed, so several
+    small runs share one GPU (Ray sets each task's ``CUDA_VISIBLE_DEVICES``), at most ``jobs`` in
+    flight; on the cluster at ``address``, or a local instance.
+
+    ``run_point`` must then be picklable (a module-level function or a ``functools.partial`` of one;
+    Ray also takes closures) and pure (everything from its arguments), as the protocol requires.
+    Options are checked before anything starts, with the sweep's messages."""
+    _check_sweep_options(jobs=jobs, executor=executor, timeout=1, gpus_per_point=gpus_per_point,
+                         cpus_per_point=cpus_per_point, gather=True)
+    if executor == "ray":
+        from workbench import ray_executor
+
+        yield ray_executor.connect(address).function_executor(cpus_per_point or 1, gpus_per_point, jobs)
+        return
+    if jobs == 1:
+        yield None
+        return
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_limit_point_threads, initargs=(threads_per_point(jobs),))
+    try:
+        yield pool
+    except BaseException:
+        # Ctrl-C in a notebook, or a bad point: do not wait for the points still queued
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _limit_point_threads(threads: int | None) -> None:
+    """A trial worker's initialiser: torch and BLAS limited to ``threads`` (``None``: the user's
+    ``OMP_NUM_THREADS`` stands)."""
+    if threads is None:
+        return
+    for var in THREAD_ENV_VARS:
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _run_local(todo, path: Path, timeout: int, kernel: str, jobs: int, finished, threads: int | None = None) -> None:

@@ -44,7 +44,7 @@ from workbench.experiments.batch_noise_evidence import ATTACKS, IEBN_INITS
 from workbench.experiments.dataset_choice import check_preset_data, dataset_param
 from workbench.experiments.quickstart import default_recipe
 from workbench.noise import NOISE_KINDS, batch_stat_noise
-from workbench.params import ACCELERATION, COMMON, Param, validate
+from workbench.params import ACCELERATION, COMMON, EXECUTION, Param, resolve_execution, validate
 from workbench.probes import (
     GradientNoiseScale,
     GradientSNR,
@@ -61,6 +61,7 @@ REFERENCE_LR_BATCH = 64
 PARAMETERS = {
     **COMMON,
     **ACCELERATION,
+    **EXECUTION,
     "dataset": dataset_param("classification", nullable=True,
                              help="None: the preset's (fashion-mnist / cifar100); a registered name or a folder path"),
     "image_size": Param(int, min=8, max=64, nullable=True,
@@ -168,6 +169,7 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     for name, default in (("preset", "quick"), ("seed", 0), ("iebn_init", "official"), ("gate_samples", 256)):
         params.setdefault(name, default)
     check_evidence_params(params)
+    resolve_execution(params)
     if params["batch_size"] < params.get("micro_batches", 4) * 2:
         raise ValueError(f"parameter batch_size={params['batch_size']} is too small for micro_batches="
                          f"{params.get('micro_batches')}; allowed: batch_size >= 2 * micro_batches")

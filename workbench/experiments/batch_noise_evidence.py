@@ -38,10 +38,11 @@ BN's :math:`\gamma`. It changes IEBN's initialisation, not its layer; verdicts n
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -161,30 +162,41 @@ def _setting_key(seed: int, setting: Mapping[str, Any]) -> str:
     return f"{setting['attack']}@{setting['level']:g}/seed{seed}"
 
 
-def make_run_point(params: Mapping[str, Any], data: tuple[Any, Any], gate_logs: dict[str, dict]):
-    """The trial's per-point function. IEBN runs record their gate-engagement log into ``gate_logs``
-    (keyed ``"<attack>@<level>/seed<seed>"``), so points run in this process."""
+def make_run_point(params: Mapping[str, Any], data: tuple[Any, Any]) -> Callable[[str, int, dict], dict]:
+    """The trial's per-point function, picklable (it may run in another process, or on a Ray node):
+    IEBN runs return their gate-engagement log under ``"gate_log"``, which :func:`run_evidence`
+    takes out of the rows."""
+    probe_inputs = torch.stack([data[1][i][0] for i in range(min(len(data[1]), params["gate_samples"]))])
+    return functools.partial(evidence_point, dict(params), data, probe_inputs)
+
+
+def evidence_point(params: Mapping[str, Any], data: tuple[Any, Any], probe_inputs: torch.Tensor, arm: str,
+                   seed: int, setting: dict) -> dict:
+    """One (arm, seed, setting) of the trial: both arms built paired, ``arm``'s trained under the
+    setting's attack; accuracy, divergence, seconds, and for IEBN the gate log and its final spread."""
     from workbench.experiments.batch_noise import build
 
     num_classes = data[0].num_classes
-    probe_inputs = torch.stack([data[1][i][0] for i in range(min(len(data[1]), params["gate_samples"]))])
+    nets = paired_models(functools.partial(build, params["model"], num_classes=num_classes, width=params["width"]),
+                         ARMS, seed)
+    net = nets[arm]
+    callbacks = []
+    if arm == "iebn":
+        if params["iebn_init"] == "gamma-compensated":
+            compensate_gate_scale(net)
+        callbacks = [GateEngagement(probe_inputs, every=params["gate_every"])]
+    run = _train(params, data, arm, seed, setting["attack"], setting["level"], net=net, callbacks=callbacks)
+    out = {"acc": run["test_acc"], "diverged": run["diverged"], "seconds": run["seconds"]}
+    if callbacks and callbacks[0].records:
+        out["gate_log"] = callbacks[0].log().to_dict()
+        out["gate_max_relative_spread"] = callbacks[0].records[-1]["max_relative_spread"]
+    return out
 
-    def run_point(arm: str, seed: int, setting: dict) -> dict:
-        nets = paired_models(lambda a: build(params["model"], a, num_classes, params["width"]), ARMS, seed)
-        net = nets[arm]
-        callbacks = []
-        if arm == "iebn":
-            if params["iebn_init"] == "gamma-compensated":
-                compensate_gate_scale(net)
-            callbacks = [GateEngagement(probe_inputs, every=params["gate_every"])]
-        run = _train(params, data, arm, seed, setting["attack"], setting["level"], net=net, callbacks=callbacks)
-        out = {"acc": run["test_acc"], "diverged": run["diverged"], "seconds": run["seconds"]}
-        if callbacks and callbacks[0].records:
-            gate_logs[_setting_key(seed, setting)] = callbacks[0].log().to_dict()
-            out["gate_max_relative_spread"] = callbacks[0].records[-1]["max_relative_spread"]
-        return out
 
-    return run_point
+def take_gate_logs(rows: list[dict]) -> dict[str, dict]:
+    """Remove each row's ``"gate_log"`` (rows stay tidy) and return them keyed
+    ``"<attack>@<level>/seed<seed>"``."""
+    return {_setting_key(row["seed"], row): log for row in rows if (log := row.pop("gate_log", None)) is not None}
 
 
 def relative_drop_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -260,8 +272,10 @@ def check_evidence_params(params: Mapping[str, Any]) -> Trial:
         raise ValueError(f"parameter seeds={params['seeds']} cannot give a verdict: {exc}") from None
 
 
-def run_evidence(params: Mapping[str, Any], data: tuple[Any, Any], progress: bool = True) -> dict[str, Any]:
-    """Calibration, the paired trial and its verdicts (module docstring). Returns ``{"calibration",
+def run_evidence(params: Mapping[str, Any], data: tuple[Any, Any], progress: bool = True,
+                 executor: Any = None) -> dict[str, Any]:
+    """Calibration, the paired trial and its verdicts (module docstring); the trial's points through
+    ``executor`` (:func:`workbench.sweep.trial_executor`; ``None``: in this process). Returns ``{"calibration",
     "trial", "rows", "drop_rows", "verdicts": {"clean", "drop"}, "gate": {key: log}, "seconds"}``."""
     check_evidence_params(params)
     started = time.perf_counter()
@@ -269,8 +283,8 @@ def run_evidence(params: Mapping[str, Any], data: tuple[Any, Any], progress: boo
     seeds = tuple(range(params["seed"], params["seed"] + params["seeds"]))
     trial = Trial("accuracy of BN and IEBN, clean and under each calibrated attack", ARMS, "acc", "greater",
                   seeds, tuple(trial_settings(calibration)))
-    gate_logs: dict[str, dict] = {}
-    result = run_trial(trial, make_run_point(params, data, gate_logs), progress=progress)
+    result = run_trial(trial, make_run_point(params, data), executor=executor, progress=progress)
+    gate_logs = take_gate_logs(result.rows)
     return {"calibration": calibration, "trial": trial.to_dict(), "rows": result.rows,
             "drop_rows": relative_drop_rows(result.rows),
             "verdicts": evidence_verdicts(params, calibration, result.rows, gate_logs), "gate": gate_logs,

@@ -32,7 +32,7 @@ from workbench.experiments.attention import MODELS, build, eval_batch, limit_cpu
 from workbench.experiments.dataset_choice import dataset_param, fill_preset_dataset
 from workbench.experiments.dia_stabilisation_evidence import PARAMETERS as EVIDENCE_PARAMETERS
 from workbench.experiments.dia_stabilisation_evidence import resolve_evidence
-from workbench.params import ACCELERATION, COMMON, Param, validate
+from workbench.params import ACCELERATION, COMMON, EXECUTION, Param, resolve_execution, validate
 from workbench.probes.attention import AttentionRecorder, attention_sites
 from workbench.probes.grad_norms import StageGradNorms  # noqa: F401 - also importable from here
 
@@ -43,6 +43,7 @@ STAB_ATTENTIONS = ("none", "se", "dia")
 PARAMETERS = {
     **COMMON,
     **ACCELERATION,
+    **EXECUTION,
     "dataset": dataset_param("classification", nullable=True,
                              help="None: the preset's (fashion-mnist / cifar100); a registered name or a folder path"),
     "model": Param(str, choices=MODELS, help="CIFAR ResNet with DIA-LSTM attention"),
@@ -79,6 +80,7 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     fill_preset_dataset(params, PRESETS)
     resolve_params_acceleration(params)
     resolve_evidence(params)
+    resolve_execution(params)
     stages = list(block_groups(attention_sites(build(params["model"], "bn", "dia", params["width"]), "dia")))
     if params["layer"] is None:
         params["layer"] = stages[len(stages) // 2]

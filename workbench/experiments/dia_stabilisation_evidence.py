@@ -34,9 +34,10 @@ anything, and its verdicts say so.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ from workbench.data.paths import resolve_root
 from workbench.experiments.acceleration import acceleration_options
 from workbench.experiments.attention import build, limit_cpu_threads
 from workbench.params import Param
-from workbench.recipe import Trial, Verdict, paired_loader, paired_models, run_points, run_trial, verdicts_from_rows
+from workbench.recipe import Trial, Verdict, paired_loader, paired_models, run_points, verdicts_from_rows
 from workbench.train import NonFiniteLossError, default_optimizer, evaluate, fit
 
 # condition -> how the network differs from the standard residual BN network
@@ -183,17 +184,18 @@ def train_paired(params: Mapping[str, Any], data: tuple[Any, Any], net: nn.Modul
             "diverged_at": diverged, "final_train_loss": loss, "seconds": seconds}
 
 
-def make_run_point(params: Mapping[str, Any], data: tuple[Any, Any]):
-    """The trial's per-point function ``(arm, seed, {"condition": ...}) -> row metrics``: the three
-    networks of the seed built paired (:data:`ARMS`, ``"none"`` the reference), ``arm``'s trained."""
-    num_classes = data[0].num_classes
+def make_run_point(params: Mapping[str, Any], data: tuple[Any, Any]) -> Callable[[str, int, dict], dict]:
+    """The trial's per-point function ``(arm, seed, {"condition": ...}) -> row metrics``, picklable
+    (it may run in another process, or on a Ray node)."""
+    return functools.partial(evidence_point, dict(params), data)
 
-    def run_point(arm: str, seed: int, setting: dict) -> dict:
-        condition = setting["condition"]
-        nets = paired_models(lambda a: build_arm(params, condition, a, num_classes), ARMS, seed)
-        return train_paired(params, data, nets[arm], seed)
 
-    return run_point
+def evidence_point(params: Mapping[str, Any], data: tuple[Any, Any], arm: str, seed: int, setting: dict) -> dict:
+    """One (arm, seed, condition): the three networks of the seed built paired (:data:`ARMS`,
+    ``"none"`` the reference), ``arm``'s trained (:func:`train_paired`)."""
+    build_one = functools.partial(build_arm, params, setting["condition"], num_classes=data[0].num_classes)
+    nets = paired_models(lambda a: build_one(arm=a), ARMS, seed)
+    return train_paired(params, data, nets[arm], seed)
 
 
 def _caveats(params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], verdict: Verdict) -> list[str]:
@@ -210,8 +212,9 @@ def _caveats(params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], verdi
 
 
 def run_evidence(params: Mapping[str, Any], data: tuple[Any, Any] | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """The paired trial(s) on ``params`` as :func:`resolve_evidence` leaves them. Returns ``{"trials",
+                 progress: bool = True, executor: Any = None) -> dict[str, Any]:
+    """The paired trial(s) on ``params`` as :func:`resolve_evidence` leaves them; the points through
+    ``executor`` (:func:`workbench.sweep.trial_executor`; ``None``: in this process). Returns ``{"trials",
     "rows" (tidy: arm x seed x condition), "verdicts": {name: [Verdict per condition]}, "chance", "dataset",
     "seconds"}``."""
     trials = evidence_trials(evidence_seeds(params), params["conditions"], params["compare_se"])
@@ -219,10 +222,11 @@ def run_evidence(params: Mapping[str, Any], data: tuple[Any, Any] | None = None,
     data = load_data(params) if data is None else data
     run_point = make_run_point(params, data)
     with limit_cpu_threads(params.get("cpu_threads"), params["device"]):
-        rows = run_trial(trials["dia_vs_none"], run_point, progress=progress).rows
-        if "dia_vs_se" in trials:  # the DIA runs are shared: only the SE arm trains here
-            se_trial = trials["dia_vs_se"]
-            rows = rows + run_points(se_trial, se_trial.points(arms=("se",)), run_point, progress=progress)
+        main = trials["dia_vs_none"]
+        points = main.points()
+        if "dia_vs_se" in trials:  # the DIA runs are shared: only the SE arm trains for the second trial
+            points += trials["dia_vs_se"].points(arms=("se",))
+        rows = run_points(main, points, run_point, executor=executor, progress=progress)
     verdicts = {name: [v.with_caveats(*_caveats(params, rows, v)) for v in verdicts_from_rows(trial, rows)]
                 for name, trial in trials.items()}
     return {"trials": {name: t.to_dict() for name, t in trials.items()}, "rows": rows, "verdicts": verdicts,

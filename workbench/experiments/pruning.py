@@ -45,7 +45,7 @@ from workbench.experiments.acceleration import resolve_params_acceleration
 from workbench.experiments.attention import limit_cpu_threads
 from workbench.experiments.dataset_choice import check_preset_data, dataset_param
 from workbench.nn.norms import is_affine_norm, is_norm
-from workbench.params import ACCELERATION, COMMON, Param, validate
+from workbench.params import ACCELERATION, COMMON, EXECUTION, Param, resolve_execution, validate
 from workbench.probes import BNScaleProbe
 from workbench.pruning import (
     BNScaleSparsity,
@@ -69,6 +69,7 @@ PRESET_NAMES = ("quick", "standard", "full")
 PARAMETERS = {
     **COMMON,
     **ACCELERATION,
+    **EXECUTION,
     "preset": Param(str, choices=PRESET_NAMES,
                     help="quick: a smoke run (minutes, 2 seeds); standard: the evidence run (<= 30 min on 2 CPU "
                          "cores); full: paper-sized (Cityscapes, GPU)"),
@@ -141,6 +142,7 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
     if not params["flops_targets"]:
         raise ValueError("parameter flops_targets=[] is not valid; allowed: a non-empty list of fractions in (0, 1)")
     params["seed_list"] = [params.get("seed", 0) + i for i in range(params["seeds"])]
+    resolve_execution(params)
     check_preset_data(params["dataset"], params["preset"])
     return resolve_params_acceleration(params)
 

@@ -21,6 +21,7 @@ Bad input (fewer than 2 seeds, a FLOPs target out of reach, missing data) is ref
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from workbench.experiments.pruning import (
     segmentation_split,
     train_seed,
 )
+from workbench.params import EXECUTION
 from workbench.pruning import check_flops_target, prune_to_flops
 from workbench.recipe import Trial, Verdict, interval_from_differences, verdicts_from_rows
 
@@ -132,22 +134,30 @@ def run_seed_comparison(seed: int, flops_targets: Sequence[float], arms: Sequenc
 
 
 def compare_at_flops(params: dict[str, Any], *, arms: Sequence[str] = tuple(ARMS), first_runs: dict | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, executor: Any = None) -> dict[str, Any]:
     """The whole comparison over ``params["seed_list"]`` (resolved notebook parameters).
 
     Returns ``{"rows", "verdicts": {trial: [Verdict]}, "trials", "first_runs", "floor"}``; the rows of
     the first seed keep their fine-tuned models (``"model"``). ``first_runs``: the first seed's
-    :func:`~workbench.experiments.pruning.train_seed` result when already trained.
+    :func:`~workbench.experiments.pruning.train_seed` result when already trained. ``executor``
+    (:func:`workbench.sweep.trial_executor`; ``None``: in this process) runs the seeds, each one
+    point: its dense network feeds every arm and target, so a seed is the unit that can move.
     """
     options = {k: v for k, v in params.items() if k not in ("seed", "seed_list", "flops_targets", "ratio", "ratios",
-                                                             "seeds", "preset")}
+                                                             "seeds", "preset", *EXECUTION)}
     floor = check_comparison(**params, arms=arms)
     seeds, targets = params["seed_list"], params["flops_targets"]
     trials = comparison_trials(seeds, targets, arms)
+    one_seed = functools.partial(run_seed_comparison, flops_targets=targets, arms=arms, progress=False, **options)
+    calls = [functools.partial(one_seed, runs=first_runs if i == 0 else None, keep_models=i == 0)
+             for i in range(len(seeds))]
+    if executor is None:
+        outcomes = (call(seed) for call, seed in zip(calls, seeds))
+    else:
+        futures = [executor.submit(call, seed) for call, seed in zip(calls, seeds)]
+        outcomes = (future.result() for future in futures)
     rows, kept = [], None
-    for i, seed in enumerate(tqdm(seeds, desc="paired seeds", disable=not progress)):
-        runs, seed_rows = run_seed_comparison(seed, targets, arms, runs=first_runs if i == 0 else None,
-                                              keep_models=i == 0, progress=False, **options)
+    for i, (runs, seed_rows) in enumerate(tqdm(outcomes, total=len(seeds), desc="paired seeds", disable=not progress)):
         kept = runs if i == 0 else kept
         rows.extend(seed_rows)
     caveats = (SMOKE_NOTE,) if params.get("preset") == "quick" else ()

@@ -21,9 +21,10 @@ everything seeded from ``seed``), so points may run in any order and anywhere. :
 runs them in this process with a progress bar, or through ``executor``: anything with
 ``concurrent.futures``' ``submit(fn, *args) -> Future`` (a ``ProcessPoolExecutor`` over CPU cores,
 each worker limited to its share of the cores as :func:`workbench.sweep.threads_per_point`
-computes; on Ray, an adaptor whose ``submit`` starts a task and returns ``ref.future()``). The
-notebook sweep machinery (:mod:`workbench.sweep`) executes notebooks, not functions, so trials do not go through
-it; rows computed elsewhere (another machine, a sweep's results) give the same verdicts through
+computes; on Ray, an adaptor whose ``submit`` starts a task and returns ``ref.future()``):
+:func:`workbench.sweep.trial_executor` makes either from the sweep's options (``jobs``, ``executor``,
+``gpus_per_point``, a Ray address), and the evidence notebooks take the same names as parameters.
+Rows computed elsewhere (another machine, a sweep's results) give the same verdicts through
 :func:`verdicts_from_rows`.
 
 A per-point function, in outline (``build``, ``train_set`` and ``accuracy`` are the experiment's)::

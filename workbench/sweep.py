@@ -373,7 +373,9 @@ def trial_executor(jobs: int = 1, executor: str = "local", gpus_per_point: float
     flight; on the cluster at ``address``, or a local instance.
 
     ``run_point`` must then be picklable (a module-level function or a ``functools.partial`` of one;
-    Ray also takes closures) and pure (everything from its arguments), as the protocol requires.
+    Ray also takes closures) and pure (everything from its arguments), as the protocol requires. A
+    script that uses worker processes runs its trial under ``if __name__ == "__main__":`` (spawned
+    workers import the script); a notebook needs nothing.
     Options are checked before anything starts, with the sweep's messages."""
     _check_sweep_options(jobs=jobs, executor=executor, timeout=1, gpus_per_point=gpus_per_point,
                          cpus_per_point=cpus_per_point, gather=True)

@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from workbench.errors import DeviceUnavailableError
-from workbench.params import ALL_PRESETS, DEVICE_CHOICES_HELP, parse_cli_value
+from workbench.params import ALL_PRESETS, DEVICE_CHOICES_HELP, EXECUTOR_CHOICES, parse_cli_value
 
 # `bench all` runs them in this order; pruning last, because on CPU it changes the process's allocator
 # (workbench.benchmarks.allocator) and nothing after it should run under a setting its header does not name
@@ -175,7 +175,7 @@ def _add_sweep(sub) -> None:
                    help="points executed in parallel, each with the CPU cores divided by N (default: %(default)s)")
     _add_execution_options(p, "sweep folder (default: reports/sweep-<notebook>-<grid hash>)", "progress",
                            "points done, elapsed, ETA")
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
+    p.add_argument("--executor", choices=EXECUTOR_CHOICES, default="local",
                    help="local: a process pool on this machine; ray: Ray tasks, on a cluster with --address "
                         "(needs the ray extra) (default: %(default)s)")
     p.add_argument("--address", help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray instance)")

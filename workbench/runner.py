@@ -270,8 +270,7 @@ def _kernel_manager_option() -> dict:
     class UnixSocketKernelManager(AsyncKernelManager):
         @default("transport")
         def _unix_socket_where_one_fits(self) -> str:
-            self._socket_dir = kernel_socket_dir()
-            return "tcp" if self._socket_dir is None else "ipc"
+            return "tcp" if kernel_socket_dir() is None else "ipc"
 
         @default("ip")
         def _unique_socket_prefix(self) -> str:
@@ -279,8 +278,7 @@ def _kernel_manager_option() -> dict:
                 return super()._ip_default()
             # jupyter_client's default prefix is "kernel-ipc" in the working directory, shared by
             # every kernel started there: side-by-side kernels would bind each other's sockets.
-            directory = getattr(self, "_socket_dir", None) or kernel_socket_dir()
-            return os.path.join(directory, f"kernel-{uuid.uuid4().hex[:16]}-ipc")
+            return os.path.join(kernel_socket_dir(), f"kernel-{uuid.uuid4().hex[:16]}-ipc")
 
     return {"kernel_manager_class": UnixSocketKernelManager}
 

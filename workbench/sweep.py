@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.io import check_writable, write_json_atomic, write_text_atomic
+from workbench.params import EXECUTOR_CHOICES
 from workbench.runner import (
     DEFAULT_CELL_TIMEOUT,
     INTERRUPTED,
@@ -46,7 +47,7 @@ from workbench.runner import (
     resolve_notebook,
 )
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = EXECUTOR_CHOICES  # one list for workbench sweep, trial_executor and the notebooks' parameter
 # Where kernels use TCP (not on POSIX, see runner._kernel_manager_option), kernels started in the same
 # instant can race for the ports they reserve; space the starts out
 KERNEL_START_SPACING_S = 0.0 if os.name == "posix" else 1.5

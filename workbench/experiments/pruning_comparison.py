@@ -22,6 +22,7 @@ Bad input (fewer than 2 seeds, a FLOPs target out of reach, missing data) is ref
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ from workbench.experiments.pruning import (
 )
 from workbench.params import EXECUTION
 from workbench.pruning import check_flops_target, prune_to_flops
-from workbench.recipe import Trial, Verdict, interval_from_differences, verdicts_from_rows
+from workbench.recipe import Trial, Verdict, call_each, interval_from_differences, verdicts_from_rows
 
 METRIC = "miou_finetuned"
 CLAIM = "CAP keeps more fine-tuned mIoU than Network Slimming at equal FLOPs"
@@ -149,13 +150,9 @@ def compare_at_flops(params: dict[str, Any], *, arms: Sequence[str] = tuple(ARMS
     seeds, targets = params["seed_list"], params["flops_targets"]
     trials = comparison_trials(seeds, targets, arms)
     one_seed = functools.partial(run_seed_comparison, flops_targets=targets, arms=arms, progress=False, **options)
-    calls = [functools.partial(one_seed, runs=first_runs if i == 0 else None, keep_models=i == 0)
-             for i in range(len(seeds))]
-    if executor is None:
-        outcomes = (call(seed) for call, seed in zip(calls, seeds))
-    else:
-        futures = [executor.submit(call, seed) for call, seed in zip(calls, seeds)]
-        outcomes = (future.result() for future in futures)
+    # the first seed: its runs may be trained already, and its pruned models are kept for the figures
+    first = call_each(functools.partial(one_seed, runs=first_runs, keep_models=True), [(seeds[0],)], executor)
+    outcomes = itertools.chain(first, call_each(one_seed, [(seed,) for seed in seeds[1:]], executor))
     rows, kept = [], None
     for i, (runs, seed_rows) in enumerate(tqdm(outcomes, total=len(seeds), desc="paired seeds", disable=not progress)):
         kept = runs if i == 0 else kept

@@ -28,6 +28,7 @@ from workbench.recipe.trials import (
     TrialPoint,
     TrialResult,
     Verdict,
+    call_each,
     run_points,
     run_trial,
     verdicts_from_rows,
@@ -35,8 +36,8 @@ from workbench.recipe.trials import (
 
 __all__ = [
     "CONFIDENCE", "DIRECTIONS", "STATISTICS", "VERDICTS", "PairedInterval", "SharedWeights", "TrainConfig",
-    "Training", "Trial", "TrialPoint", "TrialResult", "Verdict", "build_callbacks", "build_training", "check_setup",
-    "evaluate_per_source", "interval_from_differences", "load_config", "paired_interval", "paired_loader",
-    "paired_models", "power_sentence", "recalibrate_bn", "run_points", "run_trial", "seeds_needed",
+    "Training", "Trial", "TrialPoint", "TrialResult", "Verdict", "build_callbacks", "build_training", "call_each",
+    "check_setup", "evaluate_per_source", "interval_from_differences", "load_config", "paired_interval",
+    "paired_loader", "paired_models", "power_sentence", "recalibrate_bn", "run_points", "run_trial", "seeds_needed",
     "share_initial_weights", "verdict_word", "verdicts_from_rows",
 ]

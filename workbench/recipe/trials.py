@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,15 +238,20 @@ def run_points(trial: Trial, points: Sequence[TrialPoint], run_point: Callable[[
     each checked as :func:`run_trial` checks it; in this process or through ``executor``."""
     rows = []
     with tqdm(total=len(points), desc=trial.claim[:40], disable=not progress, leave=False) as bar:
-        if executor is None:
-            outcomes = (run_point(p.arm, p.seed, dict(p.setting)) for p in points)
-        else:
-            futures = [executor.submit(run_point, p.arm, p.seed, dict(p.setting)) for p in points]
-            outcomes = (future.result() for future in futures)
+        outcomes = call_each(run_point, [(p.arm, p.seed, dict(p.setting)) for p in points], executor)
         for point, metrics in zip(points, outcomes):
             rows.append(_row(point, metrics, trial.metric))  # a bad return stops the trial at once
             bar.update()
     return rows
+
+
+def call_each(fn: Callable[..., Any], calls: Sequence[tuple], executor: Any = None) -> Iterator[Any]:
+    """``fn(*args)`` for each ``args`` of ``calls``, yielded in order: one at a time here when
+    ``executor`` is ``None``, else every call submitted to it first (``submit(fn, *args) -> Future``)."""
+    if executor is None:
+        return (fn(*args) for args in calls)
+    futures = [executor.submit(fn, *args) for args in calls]
+    return (future.result() for future in futures)
 
 
 def verdicts_from_rows(trial: Trial, rows: Sequence[Mapping[str, Any]]) -> list[Verdict]:
